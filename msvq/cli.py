@@ -1,0 +1,103 @@
+"""The `msvq` command: one subcommand per pipeline stage.
+
+Each subcommand parses and validates its arguments, then calls a library
+function with plain arguments. Known failures (bad parameters, missing or
+corrupt files, failed downloads) print one clear message and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from msvq.config import ParamsError, load_params
+
+log = logging.getLogger("msvq")
+
+
+def data_settings(args: argparse.Namespace) -> tuple[Path, list[str]]:
+    """Return the data root and extra mirrors from --params, then --root/--mirror."""
+    root, mirrors = Path("data"), []
+    if args.params:
+        params = load_params(args.params)
+        section = params.raw["data"]
+        root = Path(section["root"])
+        mirrors = list(section["mirrors"])
+    if args.root:
+        root = Path(args.root)
+    return root, [*args.mirror, *mirrors]
+
+
+def cmd_download(args: argparse.Namespace) -> None:
+    from msvq.data import download, get_spec
+
+    root, mirrors = data_settings(args)
+    download(get_spec(args.dataset), root, mirrors, timeout=(args.timeout, args.timeout * 6), retries=args.retries)
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from msvq.data import get_spec, prepare
+
+    root, _ = data_settings(args)
+    prepare(get_spec(args.dataset), root, force=args.force)
+
+
+def cmd_check_params(args: argparse.Namespace) -> None:
+    params = load_params(args.params)
+    log.info("%s is valid: %d dataset(s) x %d method(s)", args.params, len(params.datasets), len(params.methods))
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    from msvq.data import DATASETS
+
+    parser.add_argument("dataset", choices=sorted(DATASETS), help="dataset name")
+    parser.add_argument("--params", help="params file whose data.root and data.mirrors are used")
+    parser.add_argument("--root", help="data directory holding raw/ and prepared/ (default: data, or data.root)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msvq", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    download = commands.add_parser("download", help="fetch and verify a dataset's raw files")
+    add_data_options(download)
+    download.add_argument("--mirror", action="append", default=[], metavar="DIR",
+                          help="local directory searched for the raw files before any URL (repeatable)")
+    download.add_argument("--timeout", type=float, default=10.0,
+                          help="HTTP connect timeout in seconds; the read timeout is 6 times this")
+    download.add_argument("--retries", type=int, default=3, help="attempts per URL")
+    download.set_defaults(func=cmd_download)
+
+    prepare = commands.add_parser("prepare", help="convert raw files into uint8 arrays and meta.json")
+    add_data_options(prepare)
+    prepare.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    prepare.set_defaults(func=cmd_prepare, mirror=[])
+
+    check = commands.add_parser("check-params", help="validate a params file and every merged run")
+    check.add_argument("params", help="params file, e.g. config/params.yaml")
+    check.set_defaults(func=cmd_check_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from msvq.data import ArchiveError, ChecksumError, DownloadError, PrepareError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.func(args)
+    except (ParamsError, DownloadError, ChecksumError, PrepareError, ArchiveError, FileNotFoundError) as error:
+        print(f"msvq {args.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
