@@ -8,6 +8,7 @@ corrupt files, failed downloads) print one clear message and exit with status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -44,6 +45,15 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     prepare(get_spec(args.dataset), root, force=args.force)
 
 
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from msvq.pretrain import pretrain
+
+    run = load_params(args.params).run(args.dataset, args.method)
+    if args.device:
+        run = dataclasses.replace(run, pretrain=dataclasses.replace(run.pretrain, device=args.device))
+    pretrain(run, args.out, state_dir=args.state_dir)
+
+
 def cmd_check_params(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     log.info("%s is valid: %d dataset(s) x %d method(s)", args.params, len(params.datasets), len(params.methods))
@@ -76,14 +86,33 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--force", action="store_true", help="rebuild even if up to date")
     prepare.set_defaults(func=cmd_prepare, mirror=[])
 
+    pretrain = commands.add_parser("pretrain", help="pretrain one method on one dataset")
+    pretrain.add_argument("--dataset", required=True, help="dataset name from the params file")
+    pretrain.add_argument("--method", required=True, help="method name from the params file")
+    pretrain.add_argument("--params", required=True, help="params file, e.g. config/params.yaml")
+    pretrain.add_argument("--out", required=True, help="output directory (checkpoint.pt, knn.csv, metrics.json)")
+    pretrain.add_argument("--state-dir", help="directory of the resume state last.pt (default: OUT/resume)")
+    pretrain.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override pretrain.device")
+    pretrain.set_defaults(func=cmd_pretrain)
+
     check = commands.add_parser("check-params", help="validate a params file and every merged run")
     check.add_argument("params", help="params file, e.g. config/params.yaml")
     check.set_defaults(func=cmd_check_params)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def known_errors() -> tuple[type[Exception], ...]:
+    """Return the failures reported as one message; imported late to keep start-up fast."""
+    from msvq.checkpoint import CheckpointError
     from msvq.data import ArchiveError, ChecksumError, DownloadError, PrepareError
+    from msvq.device import DeviceError
+    from msvq.pretrain import NonFiniteLossError
+
+    return (ParamsError, DownloadError, ChecksumError, PrepareError, ArchiveError, FileNotFoundError,
+            CheckpointError, DeviceError, NonFiniteLossError)
+
+
+def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -93,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (ParamsError, DownloadError, ChecksumError, PrepareError, ArchiveError, FileNotFoundError) as error:
+    except known_errors() as error:
         print(f"msvq {args.command}: error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -26,6 +26,7 @@ from msvq.io import fsync_dir, write_json
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+STREAM_CHUNK = 1 << 16
 STAMP = "checksums.json"
 
 
@@ -150,7 +151,8 @@ def http_fetch(url: str, part: Path, timeout: tuple[float, float], retries: int)
                 with part.open(mode) as handle, tqdm(
                     total=total, initial=offset, unit="B", unit_scale=True, desc=part.name.removesuffix(".part"),
                 ) as bar:
-                    for chunk in response.iter_content(CHUNK):
+                    # Small chunks keep what arrived before a dropped connection.
+                    for chunk in response.iter_content(STREAM_CHUNK):
                         handle.write(chunk)
                         bar.update(len(chunk))
                     handle.flush()

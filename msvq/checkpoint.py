@@ -1,0 +1,70 @@
+"""The final pretraining checkpoint: backbone weights plus what is needed to rebuild it."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msvq.io import atomic_path
+from msvq.models import resnet18
+
+FORMAT = "msvq-backbone-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or does not fit the requested run."""
+
+
+def backbone_arch(width: int, in_channels: int, image_size: int, crop: int) -> dict[str, Any]:
+    """Return the constructor arguments of the backbone for a dataset's images."""
+    # The max-pool is kept only for 64 px and larger inputs (STL-10, Tiny ImageNet).
+    return {"width": width, "in_channels": in_channels, "maxpool": crop >= 64}
+
+
+def save_checkpoint(path: Path, backbone: torch.nn.Module, arch: dict[str, Any], info: dict[str, Any]) -> None:
+    payload = {
+        "format": FORMAT,
+        "arch": arch,
+        "backbone": {key: value.detach().cpu() for key, value in backbone.state_dict().items()},
+        **info,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with torch.load(weights_only=True); reject anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"{path} cannot be loaded with weights_only=True (it needs arbitrary Python objects "
+            f"unpickled, which msvq refuses): {error}"
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path} is not an msvq backbone checkpoint (format {found!r}, expected {FORMAT!r}); "
+            "convert checkpoints of the original MSVQ code with `msvq import-checkpoint`"
+        )
+    return payload
+
+
+def build_backbone(payload: dict[str, Any]) -> torch.nn.Module:
+    """Rebuild the backbone with plain BatchNorm and load the checkpoint's weights."""
+    backbone = resnet18(**payload["arch"], bn_splits=1)
+    missing, unexpected = backbone.load_state_dict(payload["backbone"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint weights do not fit ResNet-18 {payload['arch']}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    return backbone
