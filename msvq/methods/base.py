@@ -1,0 +1,59 @@
+"""Shared machinery of the methods: the student, teacher forward passes, trainable parameters."""
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from msvq.methods.common import Encoder, shuffle_batch
+from msvq.models import ProjectionHead
+
+
+class Method(nn.Module):
+    """Base class of the self-supervised methods.
+
+    A subclass sets `view_kinds` (the augmentation, "strong" or "weak", of each view that
+    training_step expects, in order) and implements training_step. The student is
+    backbone_fn() followed by a ProjectionHead. Everything a subclass registers (teachers,
+    queues) is part of state_dict().
+    """
+
+    view_kinds: tuple[str, ...] = ()
+
+    def __init__(
+        self, backbone_fn: Callable[[], nn.Module], *, proj_hidden: int, proj_dim: int, shuffle_bn: bool = True
+    ) -> None:
+        super().__init__()
+        backbone = backbone_fn()
+        self.student = Encoder(backbone, ProjectionHead(backbone.feature_dim, proj_hidden, proj_dim))
+        self.shuffle_bn = shuffle_bn
+
+    @property
+    def student_backbone(self) -> nn.Module:
+        return self.student.backbone
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Return the parameters the optimizer updates: the student's, never a teacher's."""
+        return list(self.student.parameters())
+
+    def training_step(self, views: list[Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """Update the teachers, compute the loss of one batch of views, enqueue, and return the loss."""
+        raise NotImplementedError
+
+    def _check_views(self, views: Sequence[Tensor]) -> None:
+        if len(views) != len(self.view_kinds):
+            raise ValueError(
+                f"{type(self).__name__} expects {len(self.view_kinds)} views {self.view_kinds}, got {len(views)}"
+            )
+
+    @torch.no_grad()
+    def _encode_teacher(self, teacher: nn.Module, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Encode x (B, ...) with the teacher into features (B, D), shuffling the batch when shuffle_bn.
+
+        Shuffling places each sample in a random BatchNorm split, so the teacher's batch
+        statistics differ from the ones the student uses for the same sample.
+        """
+        if not self.shuffle_bn:
+            return teacher(x)
+        shuffled, unshuffle = shuffle_batch(x, generator)
+        return teacher(shuffled)[unshuffle]
