@@ -54,6 +54,14 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     pretrain(run, args.out, state_dir=args.state_dir)
 
 
+def cmd_knn(args: argparse.Namespace) -> None:
+    from msvq.pretrain import knn_of_checkpoint
+
+    run = load_params(args.params).run(args.dataset, args.method)
+    top1 = knn_of_checkpoint(run, args.checkpoint, seed=args.seed)
+    print(f"{args.dataset} {args.checkpoint}: kNN top-1 {top1:.2f}")
+
+
 def cmd_check_params(args: argparse.Namespace) -> None:
     params = load_params(args.params)
     log.info("%s is valid: %d dataset(s) x %d method(s)", args.params, len(params.datasets), len(params.methods))
@@ -94,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--state-dir", help="directory of the resume state last.pt (default: OUT/resume)")
     pretrain.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override pretrain.device")
     pretrain.set_defaults(func=cmd_pretrain)
+
+    knn = commands.add_parser("knn", help="kNN top-1 of a checkpoint's backbone, or of a random initialisation")
+    knn.add_argument("--dataset", required=True, help="dataset name from the params file")
+    knn.add_argument("--method", default="msvq", help="method whose params give the architecture (default msvq)")
+    knn.add_argument("--params", required=True, help="params file, e.g. config/demo.yaml")
+    knn.add_argument("--checkpoint", required=True, help="checkpoint.pt from msvq pretrain, or 'random'")
+    knn.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    knn.set_defaults(func=cmd_knn)
 
     check = commands.add_parser("check-params", help="validate a params file and every merged run")
     check.add_argument("params", help="params file, e.g. config/params.yaml")

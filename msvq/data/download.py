@@ -1,7 +1,7 @@
 """Fetch a dataset's raw files into ROOT/raw/<dataset>/: mirrors first, then URLs.
 
 Every file is checksum-verified before it is renamed into place, so the raw
-directory only ever holds complete, verified copies. An interrupted HTTP transfer
+directory only ever contains complete, verified copies. An interrupted HTTP transfer
 leaves ``<name>.part`` behind and the next run resumes it with a Range request.
 """
 
@@ -14,7 +14,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -36,12 +35,6 @@ class DownloadError(RuntimeError):
 
 class ChecksumError(ValueError):
     """A file's digest does not match the published one."""
-
-
-@dataclass
-class Digest:
-    md5: str
-    content_md5: str | None = None
 
 
 def md5_file(path: Path, progress: bool = False) -> str:

@@ -1,0 +1,230 @@
+"""msvq pretrain end to end on tiny prepared data: outputs, resume, stale state, NaN."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from msvq import pretrain as pretrain_module
+from msvq.checkpoint import build_backbone, load_checkpoint
+from msvq.cli import main
+from msvq.config import load_params
+from msvq.data import download, prepare
+from msvq.pretrain import NonFiniteLossError, pretrain
+from tests import archives
+from tests.test_data import tiny_spec
+
+REPO = Path(__file__).resolve().parent.parent
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def tiny_params(root: Path, **pretrain_changes) -> dict:
+    raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+    raw["datasets"] = ["fashionmnist"]
+    raw["methods"] = ["msvq", "mocov2"]
+    raw["data"].update(root=str(root), crop=16, train_subset=None)
+    raw["model"].update(width=4, bn_splits=2, proj_hidden=32, proj_dim=16)
+    raw["pretrain"].update(
+        epochs=3, batch_size=32, warmup_epochs=1, device="cpu", precision="fp32", knn_every=1, knn_k=10,
+        channels_last=False,
+    )
+    raw["pretrain"].update(pretrain_changes)
+    raw["method"].update(queue_size=64)
+    raw["overrides"] = {"methods": {"mocov2": {"method": {"tau_s": 0.2}}}}
+    return raw
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory) -> Path:
+    """A prepared Fashion-MNIST-format dataset of 256 train and 64 test random images."""
+    base = tmp_path_factory.mktemp("tiny")
+    mirror = base / "mirror"
+    archives.make_fashionmnist(mirror, n_train=256, n_test=64)
+    spec = tiny_spec("fashionmnist", mirror)
+    root = base / "data"
+    download(spec, root, extra_mirrors=[str(mirror)])
+    prepare(spec, root)
+    return root
+
+
+def write_params(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize("method", ["msvq", "mocov2"])
+def test_pretrain_writes_outputs(tmp_path, tiny_root, method):
+    params = load_params(write_params(tmp_path / "p.yaml", tiny_params(tiny_root)))
+    out = tmp_path / "out"
+
+    metrics = pretrain(params.run("fashionmnist", method), out)
+
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "knn.csv", "metrics.json", "resume",
+                                                     "train_log.csv"]
+    rows = read_rows(out / "train_log.csv")
+    assert [row["epoch"] for row in rows] == ["1", "2", "3"]
+    assert all(float(row["loss"]) > 0 for row in rows)
+    assert [row["epoch"] for row in read_rows(out / "knn.csv")] == ["1", "2", "3"]
+    assert 0 <= metrics["knn_top1"] <= 100
+    assert json.loads((out / "metrics.json").read_text()) == metrics
+
+    payload = load_checkpoint(out / "checkpoint.pt")
+    assert payload["dataset"] == "fashionmnist" and payload["method"] == method
+    assert payload["arch"] == {"width": 4, "in_channels": 1, "maxpool": False}
+    backbone = build_backbone(payload)
+    assert backbone(torch.zeros(2, 1, 16, 16)).shape == (2, 32)
+
+
+def test_lr_follows_warmup_then_cosine(tmp_path, tiny_root):
+    params = load_params(write_params(tmp_path / "p.yaml", tiny_params(tiny_root, knn_every=0)))
+    out = tmp_path / "out"
+    pretrain(params.run("fashionmnist", "msvq"), out)
+
+    # The log shows the rate of each epoch's last step: 8 steps per epoch, 24 in all.
+    lrs = [float(row["lr"]) for row in read_rows(out / "train_log.csv")]
+    base = params.run("fashionmnist", "msvq").pretrain.lr
+    assert lrs[0] == pytest.approx(base)
+    assert lrs[1] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 8 / 16)), rel=1e-5)
+    assert lrs[2] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 15 / 16)), rel=1e-5)
+
+
+def run_cli(params: Path, out: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "msvq.cli", "pretrain", "--dataset", "fashionmnist", "--method", "msvq",
+         "--params", str(params), "--out", str(out)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_root):
+    raw = tiny_params(tiny_root, knn_every=0)
+    params_file = write_params(tmp_path / "p.yaml", raw)
+    run = load_params(params_file).run("fashionmnist", "msvq")
+
+    pretrain(run, tmp_path / "straight")
+
+    interrupted = tmp_path / "interrupted"
+    process = run_cli(params_file, interrupted)
+    log = interrupted / "train_log.csv"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and len(read_rows(log)) >= 1:
+            break
+        time.sleep(0.005)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    assert not (interrupted / "checkpoint.pt").exists()
+    state = torch.load(interrupted / "resume" / "last.pt", weights_only=True)
+    assert 1 <= state["epoch"] < 3
+
+    resumed = run_cli(params_file, interrupted)
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr.decode()[-2000:]
+    assert "resuming from" in stderr.decode()
+
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["backbone"]
+    again = load_checkpoint(interrupted / "checkpoint.pt")["backbone"]
+    assert straight.keys() == again.keys()
+    for key in straight:
+        assert torch.equal(straight[key], again[key]), key
+    assert [row["epoch"] for row in read_rows(interrupted / "train_log.csv")] == ["1", "2", "3"]
+
+
+def test_state_with_other_params_is_ignored(tmp_path, tiny_root, caplog):
+    out = tmp_path / "out"
+    first = load_params(write_params(tmp_path / "a.yaml", tiny_params(tiny_root, epochs=2, knn_every=0)))
+    pretrain(first.run("fashionmnist", "msvq"), out)
+
+    second = load_params(write_params(tmp_path / "b.yaml", tiny_params(tiny_root, epochs=2, knn_every=0, lr=0.03)))
+    with caplog.at_level("INFO"):
+        pretrain(second.run("fashionmnist", "msvq"), out)
+
+    assert "made with other parameters" in caplog.text
+    assert "resuming" not in caplog.text
+    assert [row["epoch"] for row in read_rows(out / "train_log.csv")] == ["1", "2"]
+    state = torch.load(out / "resume" / "last.pt", weights_only=True)
+    assert state["params_hash"] == second.run("fashionmnist", "msvq").digest("data", "model", "pretrain", "method")
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_state(tmp_path, tiny_root, monkeypatch):
+    real_build = pretrain_module.build_method
+    calls = {"n": 0}
+
+    def build_with_nan(*args, **kwargs):
+        method = real_build(*args, **kwargs)
+        original = method.training_step
+
+        def step(views, generator=None):
+            loss = original(views, generator)
+            calls["n"] += 1
+            return loss * float("nan") if calls["n"] == 11 else loss
+
+        method.training_step = step
+        return method
+
+    monkeypatch.setattr(pretrain_module, "build_method", build_with_nan)
+    params = load_params(write_params(tmp_path / "p.yaml", tiny_params(tiny_root, knn_every=0)))
+    out = tmp_path / "out"
+
+    with pytest.raises(NonFiniteLossError, match=r"epoch 2, step 11") as error:
+        pretrain(params.run("fashionmnist", "msvq"), out)
+
+    assert "after epoch 1" in str(error.value)
+    state = torch.load(out / "resume" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(value).all() for value in state["method"].values() if value.is_floating_point())
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_cuda_requested_without_gpu_fails_clearly(tmp_path, tiny_root, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    params_file = write_params(tmp_path / "p.yaml", tiny_params(tiny_root))
+    code = main(["pretrain", "--dataset", "fashionmnist", "--method", "msvq", "--params", str(params_file),
+                 "--out", str(tmp_path / "out"), "--device", "cuda"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "device 'cuda' was requested" in err
+    assert "0 device(s) found" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_prepared_data_names_commands(tmp_path, capsys):
+    params_file = write_params(tmp_path / "p.yaml", tiny_params(tmp_path / "empty"))
+    code = main(["pretrain", "--dataset", "fashionmnist", "--method", "msvq", "--params", str(params_file),
+                 "--out", str(tmp_path / "out")])
+    assert code == 1
+    assert "msvq prepare fashionmnist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not FASHION_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_short_run_on_real_fashionmnist(tmp_path):
+    root = tmp_path / "data"
+    assert main(["download", "fashionmnist", "--root", str(root)]) == 0
+    assert main(["prepare", "fashionmnist", "--root", str(root)]) == 0
+    raw = tiny_params(root, epochs=2, batch_size=64, knn_k=20)
+    raw["data"].update(train_subset=512, crop=28)
+    params = load_params(write_params(tmp_path / "p.yaml", raw))
+
+    metrics = pretrain(params.run("fashionmnist", "msvq"), tmp_path / "out")
+
+    rows = read_rows(tmp_path / "out" / "train_log.csv")
+    assert all(0 < float(row["loss"]) < 100 for row in rows)
+    assert 10.0 < metrics["knn_top1"] <= 100.0
