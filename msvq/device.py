@@ -1,4 +1,4 @@
-"""Pick the training device and numeric precision, and say why."""
+"""Select the training device and numeric precision, and log the reason."""
 
 from __future__ import annotations
 

@@ -94,11 +94,12 @@ def test_lr_follows_warmup_then_cosine(tmp_path, tiny_root):
     out = tmp_path / "out"
     pretrain(params.run("fashionmnist", "msvq"), out)
 
-    # The log shows the rate of each epoch's last step: 8 steps per epoch, 24 in all.
+    # The log shows the rate of the last step of each epoch: 8 steps per epoch, 24 in all, 8 of
+    # warm-up, so the cosine runs over steps 8..23 and epochs 2 and 3 end at steps 15 and 23.
     lrs = [float(row["lr"]) for row in read_rows(out / "train_log.csv")]
     base = params.run("fashionmnist", "msvq").pretrain.lr
     assert lrs[0] == pytest.approx(base)
-    assert lrs[1] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 8 / 16)), rel=1e-5)
+    assert lrs[1] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 7 / 16)), rel=1e-5)
     assert lrs[2] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 15 / 16)), rel=1e-5)
 
 

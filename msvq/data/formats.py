@@ -2,9 +2,9 @@
 
 Each reader takes the raw directory and a PreparedWriter, fills one images array
 and one labels array per split, and returns the class names. Archives are read
-member by member without extracting them to disk; before any member is read,
-every member name is checked so that none would land outside the target directory
-if the archive were extracted.
+member by member without extracting them to disk. Before any member is read,
+every member name is checked, and an archive with a member that would land outside
+the target directory if extracted is rejected.
 """
 
 from __future__ import annotations
@@ -304,7 +304,7 @@ def read_tinyimagenet(raw_dir: Path, writer: PreparedWriter) -> list[str]:
         val.sort()
         if len(val) != len(annotations):
             raise ArchiveError(
-                f"{archive}: val_annotations.txt lists {len(annotations)} images but val/images holds {len(val)}"
+                f"{archive}: val_annotations.txt lists {len(annotations)} images but val/images contains {len(val)}"
             )
 
         for split, rows in (("train", [(name, label) for label, _, name in train]),

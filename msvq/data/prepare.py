@@ -7,7 +7,7 @@ Layout of a prepared dataset:
                          per-channel mean/std of the train split, raw-file MD5s
 
 The arrays are built in ROOT/.staging/ and the finished directory is renamed into
-place, so ROOT/prepared/ never holds a half-written dataset.
+place, so ROOT/prepared/ never contains a half-written dataset.
 """
 
 from __future__ import annotations
