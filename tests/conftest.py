@@ -2,6 +2,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.http_server import FileServer
 
@@ -13,3 +14,12 @@ def http_server(tmp_path: Path) -> Iterator[FileServer]:
     root.mkdir()
     with FileServer(root) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread() -> Iterator[None]:
+    """Run a module's tests with one torch thread: on tiny tensors a second one only adds contention."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

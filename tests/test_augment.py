@@ -22,13 +22,7 @@ GRAY_MEAN = (0.5, 0.5, 0.5)
 GRAY_STD = (0.25, 0.25, 0.25)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # These tensors are tiny: a second OpenMP thread only adds contention on a busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _random_images(batch, size=16, channels=3, seed=0):

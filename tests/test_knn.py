@@ -10,13 +10,7 @@ from msvq.knn import extract_features, knn_predict, knn_top1
 from msvq.models import resnet18
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # These tensors are tiny: a second OpenMP thread only adds contention on a busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _unit(angle_degrees):

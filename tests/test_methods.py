@@ -21,13 +21,7 @@ EXPECTED_VIEW_KINDS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # These tensors are tiny: a second OpenMP thread only adds contention on a busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _build(name, *, seed=0, bn_splits=2, shuffle_bn=True, queue_size=32, m1=0.9, m2=0.7, dtype=torch.float32):

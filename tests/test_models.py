@@ -5,13 +5,7 @@ from torch import nn
 from msvq.models import LinearClassifier, ProjectionHead, SplitBatchNorm2d, resnet18
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    # These tensors are tiny: a second OpenMP thread only adds contention on a busy CPU.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _chunkwise_batchnorm(x, num_splits, split_bn):
