@@ -58,13 +58,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def build_backbone(payload: dict[str, Any]) -> torch.nn.Module:
-    """Rebuild the backbone with plain BatchNorm and load the checkpoint's weights."""
+def build_backbone(payload: dict[str, Any], source: str | Path = "checkpoint") -> torch.nn.Module:
+    """Rebuild the backbone with plain BatchNorm and load the checkpoint's weights.
+
+    ``source`` names the file in error messages.
+    """
     backbone = resnet18(**payload["arch"], bn_splits=1)
-    missing, unexpected = backbone.load_state_dict(payload["backbone"], strict=False)
+    try:
+        missing, unexpected = backbone.load_state_dict(payload["backbone"], strict=False)
+    except RuntimeError as error:
+        mismatches = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        raise CheckpointError(
+            f"{source}: weights do not fit ResNet-18 {payload['arch']}: {'; '.join(mismatches[:3]) or error}"
+        ) from error
     if missing or unexpected:
         raise CheckpointError(
-            f"checkpoint weights do not fit ResNet-18 {payload['arch']}: missing {missing[:5]}, "
+            f"{source}: weights do not fit ResNet-18 {payload['arch']}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
     return backbone

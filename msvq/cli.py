@@ -54,6 +54,28 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     pretrain(run, args.out, state_dir=args.state_dir)
 
 
+def cmd_linear_eval(args: argparse.Namespace) -> None:
+    from msvq.linear import linear_eval
+
+    run = load_params(args.params).run(args.dataset, args.method)
+    if args.device:
+        run = dataclasses.replace(run, pretrain=dataclasses.replace(run.pretrain, device=args.device))
+    linear_eval(run, args.checkpoint, args.out, mode=args.mode)
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from msvq.report import make_report
+
+    make_report(args.params, args.results, out_dir=args.out, paper_path=args.paper, tsne_points=args.tsne_points,
+                device=args.device)
+
+
+def cmd_import_checkpoint(args: argparse.Namespace) -> None:
+    from msvq.import_checkpoint import import_original_checkpoint
+
+    import_original_checkpoint(args.src, args.dst, dataset=args.dataset)
+
+
 def cmd_knn(args: argparse.Namespace) -> None:
     from msvq.pretrain import knn_of_checkpoint
 
@@ -103,6 +125,31 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override pretrain.device")
     pretrain.set_defaults(func=cmd_pretrain)
 
+    linear = commands.add_parser("linear-eval", help="train a linear classifier on a frozen backbone")
+    linear.add_argument("--dataset", required=True, help="dataset name from the params file")
+    linear.add_argument("--method", required=True, help="method name (labels the outputs and picks overrides)")
+    linear.add_argument("--checkpoint", required=True, help="checkpoint.pt from msvq pretrain, or 'random'")
+    linear.add_argument("--params", required=True, help="params file, e.g. config/params.yaml")
+    linear.add_argument("--out", required=True, help="output directory (metrics.json, curve.csv)")
+    linear.add_argument("--mode", choices=["augmented", "features"], help="override linear.mode")
+    linear.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override pretrain.device")
+    linear.set_defaults(func=cmd_linear_eval)
+
+    report = commands.add_parser("report", help="draw the kNN and t-SNE figures and the results table")
+    report.add_argument("--params", required=True, help="params file, e.g. config/params.yaml")
+    report.add_argument("--results", default="results", help="results directory (default: results)")
+    report.add_argument("--out", help="where figures/ and table.* go (default: the results directory)")
+    report.add_argument("--paper", default="config/paper_results.yaml", help="the paper's reported numbers")
+    report.add_argument("--tsne-points", type=int, default=10000, help="max test points per t-SNE figure")
+    report.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for the t-SNE features")
+    report.set_defaults(func=cmd_report)
+
+    convert = commands.add_parser("import-checkpoint", help="convert a checkpoint of the original MSVQ code")
+    convert.add_argument("src", help="checkpoint saved by the original MSVQ code")
+    convert.add_argument("dst", help="output checkpoint in msvq's format")
+    convert.add_argument("--dataset", help="dataset the checkpoint was trained on, if the file does not say")
+    convert.set_defaults(func=cmd_import_checkpoint)
+
     knn = commands.add_parser("knn", help="kNN top-1 of a checkpoint's backbone, or of a random initialisation")
     knn.add_argument("--dataset", required=True, help="dataset name from the params file")
     knn.add_argument("--method", default="msvq", help="method whose params give the architecture (default msvq)")
@@ -125,7 +172,7 @@ def known_errors() -> tuple[type[Exception], ...]:
     from msvq.pretrain import NonFiniteLossError
 
     return (ParamsError, DownloadError, ChecksumError, PrepareError, ArchiveError, FileNotFoundError,
-            CheckpointError, DeviceError, NonFiniteLossError)
+            CheckpointError, DeviceError, NonFiniteLossError, FloatingPointError)
 
 
 def main(argv: list[str] | None = None) -> int:

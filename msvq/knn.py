@@ -64,8 +64,11 @@ def extract_features(
     batch_size: int,
     device: torch.device | str,
     autocast_dtype: torch.dtype | None = None,
+    normalize: bool = True,
 ) -> Tensor:
     """Compute L2-normalised float32 features (N, D), on `device`, of uint8 images (N, H, W, C).
+
+    With normalize=False it returns the raw backbone features (linear evaluation uses them).
 
     Each batch goes through augment.test_view and the backbone in eval mode under
     torch.no_grad (and autocast when autocast_dtype is set). The backbone's previous
@@ -82,7 +85,8 @@ def extract_features(
         for start in range(0, len(images), batch_size):
             batch = _as_tensor(images[start : start + batch_size]).to(device, non_blocking=True)
             output = backbone(test_view(batch, crop, mean, std))
-            features.append(F.normalize(output.float(), dim=1))
+            output = output.float()
+            features.append(F.normalize(output, dim=1) if normalize else output)
 
     backbone.train(was_training)
     return torch.cat(features)

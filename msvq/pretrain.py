@@ -123,7 +123,7 @@ def knn_of_checkpoint(run: RunParams, checkpoint: str, seed: int = 0) -> float:
         arch = backbone_arch(run.model.width, data.channels, data.image_size, run.data.crop)
         backbone = resnet18(**arch)
     else:
-        backbone = build_backbone(load_checkpoint(checkpoint))
+        backbone = build_backbone(load_checkpoint(checkpoint), source=checkpoint)
     memory_format = torch.channels_last if run.pretrain.channels_last else torch.contiguous_format
     backbone = backbone.to(device=device, memory_format=memory_format)
     return run_knn(backbone, data, run, device, dtype)

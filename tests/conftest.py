@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.http_server import FileServer
+from tests.tiny import make_tiny_root
 
 
 @pytest.fixture
@@ -23,3 +24,9 @@ def one_intra_op_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A prepared Fashion-MNIST-format dataset of 256 train and 64 test random images."""
+    return make_tiny_root(tmp_path_factory.mktemp("tiny"))

@@ -1,6 +1,5 @@
 """Download and prepare, on tiny archives built in each dataset's official format."""
 
-import dataclasses
 import json
 import tarfile
 import zipfile
@@ -12,8 +11,8 @@ import pytest
 from msvq.cli import main
 from msvq.data import ArchiveError, DownloadError, PrepareError, download, get_spec, prepare
 from msvq.data.prepared import open_prepared
-from msvq.data.registry import RemoteFile
 from tests import archives
+from tests.tiny import tiny_spec
 
 BUILDERS = {
     "cifar10": archives.make_cifar10,
@@ -23,20 +22,6 @@ BUILDERS = {
     "fashionmnist": archives.make_fashionmnist,
 }
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-def tiny_spec(name: str, directory: Path, url_base: str | None = None, counts: dict | None = None):
-    """The registry spec of ``name`` with the digests of the tiny files in ``directory``."""
-    official = get_spec(name)
-    files = tuple(
-        RemoteFile(
-            name=remote.name,
-            md5=archives.md5_of(directory / remote.name),
-            urls=(url_base + remote.name,) if url_base else ("http://127.0.0.1:9/" + remote.name,),
-        )
-        for remote in official.files
-    )
-    return dataclasses.replace(official, files=files, counts=counts, mirrors=())
 
 
 @pytest.fixture(autouse=True)

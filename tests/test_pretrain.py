@@ -12,53 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from msvq import pretrain as pretrain_module
 from msvq.checkpoint import build_backbone, load_checkpoint
 from msvq.cli import main
 from msvq.config import load_params
-from msvq.data import download, prepare
 from msvq.pretrain import NonFiniteLossError, pretrain
-from tests import archives
-from tests.test_data import tiny_spec
+from tests.tiny import tiny_params, write_params
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-def tiny_params(root: Path, **pretrain_changes) -> dict:
-    raw = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
-    raw["datasets"] = ["fashionmnist"]
-    raw["methods"] = ["msvq", "mocov2"]
-    raw["data"].update(root=str(root), crop=16, train_subset=None)
-    raw["model"].update(width=4, bn_splits=2, proj_hidden=32, proj_dim=16)
-    raw["pretrain"].update(
-        epochs=3, batch_size=32, warmup_epochs=1, device="cpu", precision="fp32", knn_every=1, knn_k=10,
-        channels_last=False,
-    )
-    raw["pretrain"].update(pretrain_changes)
-    raw["method"].update(queue_size=64)
-    raw["overrides"] = {"methods": {"mocov2": {"method": {"tau_s": 0.2}}}}
-    return raw
-
-
-@pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> Path:
-    """A prepared Fashion-MNIST-format dataset of 256 train and 64 test random images."""
-    base = tmp_path_factory.mktemp("tiny")
-    mirror = base / "mirror"
-    archives.make_fashionmnist(mirror, n_train=256, n_test=64)
-    spec = tiny_spec("fashionmnist", mirror)
-    root = base / "data"
-    download(spec, root, extra_mirrors=[str(mirror)])
-    prepare(spec, root)
-    return root
-
-
-def write_params(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def read_rows(path: Path) -> list[dict]:
