@@ -28,18 +28,26 @@ fashion-mnist:
 		echo "      mirror directory named by MSVQ_DATA_MIRROR."; \
 	fi
 
+DEMO := --params config/demo.yaml
+DEMO_RESULTS := results/fashionmnist
+
 demo: setup fashion-mnist
 	@echo "Offline demo on config/demo.yaml: prepare Fashion-MNIST, pretrain msvq and mocov2,"
-	@echo "and compare their kNN top-1 with a random initialisation. Linear evaluation, the"
-	@echo "report and the Snakemake/DVC workflow join it as those stages land."
+	@echo "linear-evaluate them and a random initialisation, then draw the figures and the table."
+	@echo "The same stages will run through Snakemake and DVC once the workflow lands."
 	$(BIN)/msvq check-params config/demo.yaml
-	$(BIN)/msvq download fashionmnist --params config/demo.yaml
-	$(BIN)/msvq prepare fashionmnist --params config/demo.yaml
-	$(BIN)/msvq pretrain --dataset fashionmnist --method msvq --params config/demo.yaml \
-		--out results/fashionmnist/msvq/pretrain
-	$(BIN)/msvq pretrain --dataset fashionmnist --method mocov2 --params config/demo.yaml \
-		--out results/fashionmnist/mocov2/pretrain
-	$(BIN)/msvq knn --dataset fashionmnist --params config/demo.yaml --checkpoint random
+	$(BIN)/msvq download fashionmnist $(DEMO)
+	$(BIN)/msvq prepare fashionmnist $(DEMO)
+	for method in msvq mocov2; do \
+		$(BIN)/msvq pretrain --dataset fashionmnist --method $$method $(DEMO) \
+			--out $(DEMO_RESULTS)/$$method/pretrain || exit 1; \
+		$(BIN)/msvq linear-eval --dataset fashionmnist --method $$method $(DEMO) \
+			--checkpoint $(DEMO_RESULTS)/$$method/pretrain/checkpoint.pt \
+			--out $(DEMO_RESULTS)/$$method/linear || exit 1; \
+	done
+	$(BIN)/msvq linear-eval --dataset fashionmnist --method random --checkpoint random $(DEMO) \
+		--out $(DEMO_RESULTS)/random/linear
+	$(BIN)/msvq report $(DEMO) --results results --tsne-points 2000
 
 test: setup fashion-mnist
 	$(BIN)/python -m pytest

@@ -170,9 +170,10 @@ def known_errors() -> tuple[type[Exception], ...]:
     from msvq.data import ArchiveError, ChecksumError, DownloadError, PrepareError
     from msvq.device import DeviceError
     from msvq.pretrain import NonFiniteLossError
+    from msvq.report import ReportError
 
     return (ParamsError, DownloadError, ChecksumError, PrepareError, ArchiveError, FileNotFoundError,
-            CheckpointError, DeviceError, NonFiniteLossError, FloatingPointError)
+            CheckpointError, DeviceError, NonFiniteLossError, FloatingPointError, ReportError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import pytest
 from msvq.cli import main
 from msvq.data import ArchiveError, DownloadError, PrepareError, download, get_spec, prepare
 from msvq.data.prepared import open_prepared
+from msvq.io import current_umask
 from tests import archives
 from tests.tiny import tiny_spec
 
@@ -319,3 +320,14 @@ def test_real_fashionmnist_from_debian_package(tmp_path, capsys):
     assert data.classes[0] == "T-shirt/top" and data.classes[9] == "Ankle boot"
     np.testing.assert_allclose(data.mean, [0.2860], atol=1e-4)
     np.testing.assert_allclose(data.std, [0.3530], atol=1e-4)
+
+
+def test_prepared_files_get_usual_permissions(tmp_path):
+    mirror = tmp_path / "mirror"
+    archives.make_fashionmnist(mirror)
+    spec = tiny_spec("fashionmnist", mirror)
+    download(spec, tmp_path / "data", extra_mirrors=[str(mirror)])
+    prepare(spec, tmp_path / "data")
+
+    mode = (tmp_path / "data" / "prepared" / "fashionmnist" / "meta.json").stat().st_mode & 0o777
+    assert mode == 0o666 & ~current_umask()
