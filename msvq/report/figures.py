@@ -100,6 +100,8 @@ def knn_figure(
         axes.set_ylabel("kNN top-1 (%)")
         axes.set_title(f"kNN top-1 during pretraining, {dataset_name(dataset)}")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        # Start at epoch 0 so a run with one kNN pass still gets a readable epoch axis.
+        axes.set_xlim(left=0)
     return figure
 
 
