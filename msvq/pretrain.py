@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from msvq import augment
 from msvq.checkpoint import backbone_arch, build_backbone, load_checkpoint, save_checkpoint
-from msvq.config import RunParams
+from msvq.config import ParamsError, RunParams
 from msvq.data.prepared import PreparedDataset, open_prepared
 from msvq.device import select_device, select_precision
 from msvq.io import atomic_path, write_json, write_text
@@ -84,7 +84,10 @@ def pretraining_images(data: PreparedDataset, subset: int | None, seed: int) -> 
         images = np.concatenate([images, data.images("unlabeled")])
     if subset is not None:
         if subset > len(images):
-            raise ValueError(f"data.train_subset = {subset} exceeds the {len(images)} available train images")
+            raise ParamsError(
+                f"data.train_subset = {subset} exceeds the {len(images)} train images of {data.meta['dataset']}; "
+                "lower it or set it to null"
+            )
         order = np.random.default_rng(seed).permutation(len(images))[:subset]
         images = images[np.sort(order)]
     return images
@@ -195,7 +198,9 @@ def pretrain(run: RunParams, out: str | Path, state_dir: str | Path | None = Non
         images = images.pin_memory()
     steps_per_epoch = len(images) // cfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(images)} train images are fewer than pretrain.batch_size = {cfg.batch_size}")
+        raise ParamsError(
+            f"pretrain.batch_size = {cfg.batch_size} exceeds the {len(images)} pretraining images of {run.dataset}"
+        )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = steps_per_epoch * cfg.warmup_epochs
 

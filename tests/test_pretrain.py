@@ -192,3 +192,16 @@ def test_short_run_on_real_fashionmnist(tmp_path):
     rows = read_rows(tmp_path / "out" / "train_log.csv")
     assert all(0 < float(row["loss"]) < 100 for row in rows)
     assert 10.0 < metrics["knn_top1"] <= 100.0
+
+
+def test_subset_larger_than_dataset_is_a_params_error(tmp_path, tiny_root, capsys):
+    raw = tiny_params(tiny_root)
+    raw["data"]["train_subset"] = 1000
+    params_file = write_params(tmp_path / "p.yaml", raw)
+
+    code = main(["pretrain", "--dataset", "fashionmnist", "--method", "msvq", "--params", str(params_file),
+                 "--out", str(tmp_path / "out")])
+
+    assert code == 1
+    assert "data.train_subset = 1000 exceeds the 256 train images of fashionmnist" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
