@@ -1,7 +1,7 @@
 """Linear evaluation: a frozen backbone and one trained Linear layer.
 
 Protocol (linear section of the params file): the backbone is rebuilt with plain
-BatchNorm, loaded, frozen and kept in eval mode; the classifier is one Linear layer
+BatchNorm, loaded, frozen and kept in eval mode. The classifier is one Linear layer
 (weights N(0, 0.01), zero bias) trained with SGD and a per-step cosine schedule.
 
 Modes:

@@ -144,7 +144,8 @@ def test_corrupt_download_is_rejected_and_deleted(tmp_path, http_server):
         download(spec, tmp_path / "data", retries=1)
 
     message = str(error.value)
-    assert good_md5 in message and bad_md5 in message
+    assert good_md5 in message
+    assert bad_md5 in message
     assert "cifar-10-python.tar.gz" in message
     assert not any((tmp_path / "data" / "raw" / "cifar10").iterdir())
 
@@ -195,7 +196,8 @@ def test_offline_without_mirror_lists_sources(tmp_path, capsys):
     assert code == 1
     assert "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in err
     assert f"mirror {tmp_path / 'nowhere'}: directory does not exist" in err
-    assert "put it in" in err and "raw/cifar10" in err
+    assert "put it in" in err
+    assert "raw/cifar10" in err
     assert not list((tmp_path / "data" / "raw" / "cifar10").glob("*"))
 
 
@@ -317,7 +319,8 @@ def test_real_fashionmnist_from_debian_package(tmp_path, capsys):
     assert data.images("test").shape == (10000, 28, 28, 1)
     assert np.bincount(data.labels("train")).tolist() == [6000] * 10
     assert np.bincount(data.labels("test")).tolist() == [1000] * 10
-    assert data.classes[0] == "T-shirt/top" and data.classes[9] == "Ankle boot"
+    assert data.classes[0] == "T-shirt/top"
+    assert data.classes[9] == "Ankle boot"
     np.testing.assert_allclose(data.mean, [0.2860], atol=1e-4)
     np.testing.assert_allclose(data.std, [0.3530], atol=1e-4)
 
