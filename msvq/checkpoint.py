@@ -8,10 +8,13 @@ from typing import Any
 
 import torch
 
+from msvq.config import RunParams
+from msvq.data.prepared import PreparedDataset
 from msvq.io import atomic_path
 from msvq.models import resnet18
 
 FORMAT = "msvq-backbone-v1"
+RANDOM = "random"
 
 
 class CheckpointError(ValueError):
@@ -76,4 +79,32 @@ def build_backbone(payload: dict[str, Any], source: str | Path = "checkpoint") -
             f"{source}: weights do not fit ResNet-18 {payload['arch']}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}"
         )
+    return backbone
+
+
+def load_backbone(run: RunParams, data: PreparedDataset, checkpoint: str, seed: int = 0) -> torch.nn.Module:
+    """Return the frozen backbone of ``checkpoint``, or one initialised from ``seed`` for 'random'.
+
+    Raises CheckpointError naming the file when it was pretrained on another dataset
+    or does not fit the dataset's images.
+    """
+    if checkpoint == RANDOM:
+        torch.manual_seed(seed)
+        arch = backbone_arch(run.model.width, data.channels, data.image_size, run.data.crop)
+        backbone = resnet18(**arch)
+    else:
+        payload = load_checkpoint(checkpoint)
+        if payload.get("dataset") != run.dataset:
+            raise CheckpointError(
+                f"{checkpoint} was pretrained on {payload.get('dataset')!r}, not on {run.dataset!r}; "
+                "pass the checkpoint of this dataset"
+            )
+        channels = payload["arch"].get("in_channels")
+        if channels != data.channels:
+            raise CheckpointError(
+                f"{checkpoint} expects {channels}-channel images but {run.dataset} has {data.channels}"
+            )
+        backbone = build_backbone(payload, source=checkpoint)
+    backbone.eval()
+    backbone.requires_grad_(False)
     return backbone

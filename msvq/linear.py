@@ -30,47 +30,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from msvq import augment
-from msvq.checkpoint import CheckpointError, backbone_arch, build_backbone, load_checkpoint
+from msvq.checkpoint import load_backbone
 from msvq.config import RunParams
 from msvq.data.prepared import PreparedDataset, open_prepared
 from msvq.device import select_device, select_precision
 from msvq.io import write_json, write_text
 from msvq.knn import extract_features
-from msvq.models import LinearClassifier, resnet18
+from msvq.models import LinearClassifier
 from msvq.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
 
-RANDOM = "random"
 CURVE_COLUMNS = ["epoch", "loss", "lr", "top1", "top5"]
-
-
-def load_backbone(run: RunParams, data: PreparedDataset, checkpoint: str) -> torch.nn.Module:
-    """Return the frozen backbone of ``checkpoint``, or a random one for 'random'.
-
-    Raises CheckpointError naming the file when it was pretrained on another dataset
-    or does not fit the dataset's images.
-    """
-    if checkpoint == RANDOM:
-        torch.manual_seed(run.linear.seed)
-        arch = backbone_arch(run.model.width, data.channels, data.image_size, run.data.crop)
-        backbone = resnet18(**arch)
-    else:
-        payload = load_checkpoint(checkpoint)
-        if payload.get("dataset") != run.dataset:
-            raise CheckpointError(
-                f"{checkpoint} was pretrained on {payload.get('dataset')!r}, not on {run.dataset!r}; "
-                "pass the checkpoint of this dataset"
-            )
-        channels = payload["arch"].get("in_channels")
-        if channels != data.channels:
-            raise CheckpointError(
-                f"{checkpoint} expects {channels}-channel images but {run.dataset} has {data.channels}"
-            )
-        backbone = build_backbone(payload, source=checkpoint)
-    backbone.eval()
-    backbone.requires_grad_(False)
-    return backbone
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -155,7 +126,7 @@ def linear_eval(run: RunParams, checkpoint: str, out: str | Path, mode: str | No
     device = select_device(run.pretrain.device)
     dtype = select_precision(run.pretrain.precision, device)
     data = open_prepared(run.data.root, run.dataset)
-    backbone = load_backbone(run, data, checkpoint).to(device)
+    backbone = load_backbone(run, data, checkpoint, seed=run.linear.seed).to(device)
     crop, batch_size = run.data.crop, run.linear.batch_size
     encode = dict(mean=data.mean, std=data.std, crop=crop, batch_size=max(512, batch_size), device=device,
                   autocast_dtype=dtype, normalize=False)

@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from msvq import augment
-from msvq.checkpoint import backbone_arch, build_backbone, load_checkpoint, save_checkpoint
+from msvq.checkpoint import backbone_arch, load_backbone, save_checkpoint
 from msvq.config import ParamsError, RunParams
 from msvq.data.prepared import PreparedDataset, open_prepared
 from msvq.device import select_device, select_precision
@@ -121,14 +121,8 @@ def knn_of_checkpoint(run: RunParams, checkpoint: str, seed: int = 0) -> float:
     data = open_prepared(run.data.root, run.dataset)
     device = select_device(run.pretrain.device)
     dtype = select_precision(run.pretrain.precision, device)
-    if checkpoint == "random":
-        torch.manual_seed(seed)
-        arch = backbone_arch(run.model.width, data.channels, data.image_size, run.data.crop)
-        backbone = resnet18(**arch)
-    else:
-        backbone = build_backbone(load_checkpoint(checkpoint), source=checkpoint)
     memory_format = torch.channels_last if run.pretrain.channels_last else torch.contiguous_format
-    backbone = backbone.to(device=device, memory_format=memory_format)
+    backbone = load_backbone(run, data, checkpoint, seed=seed).to(device=device, memory_format=memory_format)
     return run_knn(backbone, data, run, device, dtype)
 
 

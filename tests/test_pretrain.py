@@ -206,3 +206,15 @@ def test_subset_larger_than_dataset_is_a_params_error(tmp_path, tiny_root, capsy
     assert code == 1
     assert "data.train_subset = 1000 exceeds the 256 train images of fashionmnist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_knn_command_scores_checkpoint_and_random(tmp_path, tiny_root, capsys):
+    params_file = write_params(tmp_path / "p.yaml", tiny_params(tiny_root, epochs=1, knn_every=0))
+    pretrain(load_params(params_file).run("fashionmnist", "msvq"), tmp_path / "out")
+
+    for checkpoint in (str(tmp_path / "out" / "checkpoint.pt"), "random"):
+        assert main(["knn", "--dataset", "fashionmnist", "--params", str(params_file),
+                     "--checkpoint", checkpoint]) == 0
+        line = capsys.readouterr().out.strip()
+        assert line.startswith(f"fashionmnist {checkpoint}: kNN top-1 ")
+        assert 0.0 <= float(line.rsplit(" ", 1)[1]) <= 100.0
