@@ -209,7 +209,7 @@ def test_subset_larger_than_dataset_is_a_params_error(tmp_path, tiny_root, capsy
 
 
 def test_knn_command_scores_checkpoint_and_random(tmp_path, tiny_root, capsys):
-    params_file = write_params(tmp_path / "p.yaml", tiny_params(tiny_root, epochs=1, knn_every=0))
+    params_file = write_params(tmp_path / "p.yaml", tiny_params(tiny_root, epochs=1, warmup_epochs=0, knn_every=0))
     pretrain(load_params(params_file).run("fashionmnist", "msvq"), tmp_path / "out")
 
     for checkpoint in (str(tmp_path / "out" / "checkpoint.pt"), "random"):
