@@ -38,6 +38,19 @@ def save_checkpoint(path: Path, backbone: torch.nn.Module, arch: dict[str, Any],
         torch.save(payload, tmp)
 
 
+def unpickler_reason(message: str) -> str:
+    """Return the cause from torch's weights-only error, without its advice to load unsafely.
+
+    NOTE: relies on torch 2.14's message layout ("WeightsUnpickler error:" then the
+    cause); any other layout gives a generic reason.
+    """
+    _, marker, rest = message.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in rest.splitlines() if line.strip()]
+    if marker and lines:
+        return lines[0]
+    return "torch reported an unsupported pickle"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint with torch.load(weights_only=True); reject anything else."""
     path = Path(path)
@@ -46,9 +59,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        reason = unpickler_reason(str(error))
         raise CheckpointError(
-            f"{path} cannot be loaded with weights_only=True (it needs arbitrary Python objects "
-            f"unpickled, which msvq refuses): {error}"
+            f"{path} cannot be loaded with torch.load(weights_only=True): it is not a PyTorch checkpoint, "
+            f"or it contains Python objects other than tensors and plain containers, which msvq does not "
+            f"unpickle ({reason})"
         ) from error
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {error}") from error

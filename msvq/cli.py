@@ -93,7 +93,7 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
     from msvq.data import DATASETS
 
     parser.add_argument("dataset", choices=sorted(DATASETS), help="dataset name")
-    parser.add_argument("--params", help="params file whose data.root and data.mirrors are used")
+    parser.add_argument("--params", help="params file whose data.root (and, for download, data.mirrors) is used")
     parser.add_argument("--root", help="data directory holding raw/ and prepared/ (default: data, or data.root)")
 
 
@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--dataset", required=True, help="dataset name from the params file")
     pretrain.add_argument("--method", required=True, help="method name from the params file")
     pretrain.add_argument("--params", required=True, help="params file, e.g. config/params.yaml")
-    pretrain.add_argument("--out", required=True, help="output directory (checkpoint.pt, knn.csv, metrics.json)")
+    pretrain.add_argument("--out", required=True,
+                          help="output directory (checkpoint.pt, knn.csv, train_log.csv, metrics.json, resume/)")
     pretrain.add_argument("--state-dir", help="directory of the resume state last.pt (default: OUT/resume)")
     pretrain.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override pretrain.device")
     pretrain.set_defaults(func=cmd_pretrain)
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--params", required=True, help="params file, e.g. config/params.yaml")
     report.add_argument("--results", default="results", help="results directory (default: results)")
     report.add_argument("--out", help="where figures/ and table.* go (default: the results directory)")
-    report.add_argument("--paper", default="config/paper_results.yaml", help="the paper's reported numbers")
+    report.add_argument("--paper", default="config/paper_results.yaml",
+                        help="YAML file of the paper's reported numbers (default: config/paper_results.yaml)")
     report.add_argument("--tsne-points", type=int, default=10000, help="max test points per t-SNE figure")
     report.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for the t-SNE features")
     report.set_defaults(func=cmd_report)
@@ -158,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     knn.set_defaults(func=cmd_knn)
 
-    check = commands.add_parser("check-params", help="validate a params file and every merged run")
+    check = commands.add_parser("check-params", help="validate a params file and every merged run",
+                                description="Validate a params file against the schema and check every "
+                                            "(dataset, method) run after merging its overrides.")
     check.add_argument("params", help="params file, e.g. config/params.yaml")
     check.set_defaults(func=cmd_check_params)
     return parser
@@ -189,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     except known_errors() as error:
         print(f"msvq {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        hint = ""
+        if args.command == "pretrain":
+            hint = " Run the same command again to resume after the last completed epoch."
+        print(f"msvq {args.command}: interrupted.{hint}", file=sys.stderr)
+        return 130
     return 0
 
 

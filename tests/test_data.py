@@ -147,7 +147,7 @@ def test_corrupt_download_is_rejected_and_deleted(tmp_path, http_server):
     assert good_md5 in message
     assert bad_md5 in message
     assert "cifar-10-python.tar.gz" in message
-    assert not any((tmp_path / "data" / "raw" / "cifar10").iterdir())
+    assert not (tmp_path / "data" / "raw" / "cifar10").exists()
 
 
 def test_corrupt_raw_archive_leaves_nothing_prepared(tmp_path):
@@ -198,7 +198,7 @@ def test_offline_without_mirror_lists_sources(tmp_path, capsys):
     assert f"mirror {tmp_path / 'nowhere'}: directory does not exist" in err
     assert "put it in" in err
     assert "raw/cifar10" in err
-    assert not list((tmp_path / "data" / "raw" / "cifar10").glob("*"))
+    assert not (tmp_path / "data" / "raw" / "cifar10").exists()
 
 
 def test_http_error_is_reported(tmp_path, http_server):
@@ -334,3 +334,25 @@ def test_prepared_files_get_usual_permissions(tmp_path):
 
     mode = (tmp_path / "data" / "prepared" / "fashionmnist" / "meta.json").stat().st_mode & 0o777
     assert mode == 0o666 & ~current_umask()
+
+
+def test_corrupt_gzip_stream_is_a_checksum_error(tmp_path):
+    mirror = tmp_path / "mirror"
+    archives.make_fashionmnist(mirror, n_train=200)
+    spec = get_spec("fashionmnist")
+    root = tmp_path / "data"
+    raw_dir = root / "raw" / "fashionmnist"
+    raw_dir.mkdir(parents=True)
+    for remote in spec.files:
+        data = bytearray((mirror / remote.name).read_bytes())
+        if remote.name.startswith("train-images"):
+            data[len(data) // 2 : len(data) // 2 + 10] = bytes(10)
+        (raw_dir / remote.name).write_bytes(bytes(data))
+
+    with pytest.raises(PrepareError) as error:
+        prepare(spec, root)
+
+    message = str(error.value)
+    assert "train-images-idx3-ubyte.gz" in message
+    assert "checksum mismatch" in message
+    assert not (root / "prepared").exists()

@@ -148,3 +148,19 @@ def test_missing_checkpoint_names_file(tmp_path, tiny_root, capsys):
                  str(tmp_path / "absent.pt"), "--params", str(params), "--out", str(tmp_path / "out")])
     assert code == 1
     assert f"checkpoint not found: {tmp_path / 'absent.pt'}" in capsys.readouterr().err
+
+
+def test_random_bytes_checkpoint_is_rejected(tmp_path, tiny_root, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    params = write_params(tmp_path / "p.yaml", tiny_params(tiny_root))
+
+    code = main(["linear-eval", "--dataset", "fashionmnist", "--method", "msvq", "--checkpoint", str(garbage),
+                 "--params", str(params), "--out", str(tmp_path / "out")])
+
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"{garbage} cannot be loaded with torch.load(weights_only=True)" in err
+    assert "(Unsupported operand 0)" in err
+    assert "weights_only` set to `False`" not in err
+    assert not (tmp_path / "out").exists()

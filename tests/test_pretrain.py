@@ -218,3 +218,17 @@ def test_knn_command_scores_checkpoint_and_random(tmp_path, tiny_root, capsys):
         line = capsys.readouterr().out.strip()
         assert line.startswith(f"fashionmnist {checkpoint}: kNN top-1 ")
         assert 0.0 <= float(line.rsplit(" ", 1)[1]) <= 100.0
+
+
+def test_interrupt_prints_resume_hint(tmp_path, monkeypatch, capsys):
+    def interrupted(run, out, state_dir=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_module, "pretrain", interrupted)
+    params_file = write_params(tmp_path / "p.yaml", tiny_params(tmp_path))
+
+    code = main(["pretrain", "--dataset", "fashionmnist", "--method", "msvq", "--params", str(params_file),
+                 "--out", str(tmp_path / "out")])
+
+    assert code == 130
+    assert "interrupted. Run the same command again to resume" in capsys.readouterr().err

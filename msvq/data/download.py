@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+import zlib
 from pathlib import Path
 
 import requests
@@ -56,7 +57,7 @@ def md5_gzip_content(path: Path) -> str | None:
         with gzip.open(path, "rb") as handle:
             while chunk := handle.read(CHUNK):
                 digest.update(chunk)
-    except (OSError, EOFError):
+    except (OSError, EOFError, zlib.error):
         return None
     return digest.hexdigest()
 
@@ -242,6 +243,8 @@ def download(
                 target.unlink()
         tried: list[str] = []
         if not fetch_file(remote, raw_dir, mirrors, timeout, retries, tried):
+            if not any(raw_dir.iterdir()):
+                raw_dir.rmdir()
             sources = "\n".join(f"  - {line}" for line in tried)
             raise DownloadError(
                 f"could not obtain {remote.name} for {spec.name}. Sources tried:\n{sources}\n"

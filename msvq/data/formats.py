@@ -16,6 +16,7 @@ import re
 import struct
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -330,7 +331,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     try:
         with gzip.open(path, "rb") as handle:
             data = handle.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:
         raise ArchiveError(f"cannot read {path}: {error}. Delete it and download it again.") from error
     dims = 3 if magic == IDX_IMAGES else 1
     header = 4 + 4 * dims
