@@ -10,7 +10,7 @@ Resume state lives in STATE_DIR/last.pt (by default OUT/resume/), which the
 pipeline never declares as an output, so Snakemake and DVC leave it alone when
 they clear outputs before a rerun. It is written atomically after every epoch and
 contains the student, teachers, queues and pointers, the optimizer, the step, every
-RNG state and the params hash; it is used only when that hash matches.
+RNG state and the params hash. A rerun uses it only when that hash matches.
 """
 
 from __future__ import annotations

@@ -208,12 +208,12 @@ def read_stl10(raw_dir: Path, writer: PreparedWriter) -> list[str]:
     folder = "stl10_binary"
     tar, members = open_tar(archive)
     with tar:
-        wanted = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin", "class_names.txt"]
-        for name in wanted:
+        required = ["train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin", "unlabeled_X.bin", "class_names.txt"]
+        for name in required:
             if f"{folder}/{name}" not in members:
                 raise ArchiveError(f"archive {archive} has no member '{folder}/{name}'; is it the official release?")
         # Read members in archive order so the gzip stream is decompressed once.
-        for name in sorted(wanted, key=lambda n: members[f"{folder}/{n}"].offset_data):
+        for name in sorted(required, key=lambda n: members[f"{folder}/{n}"].offset_data):
             member = members[f"{folder}/{name}"]
             handle = tar.extractfile(member)
             assert handle is not None
