@@ -34,7 +34,7 @@ Within a stage both networks use torchvision's block names (0.conv1, 0.bn1, 0.co
 0.bn2, 0.downsample.0, 0.downsample.1), so <rest> is unchanged. The original's
 SplitBatchNorm subclasses BatchNorm2d and stores the same weight, bias, running_mean,
 running_var and num_batches_tracked. ``net.net.3.*`` contains parameters only without the
-max-pool, which is how the importer tells the two layouts apart.
+max-pool, so the importer uses them to detect which layout a file has.
 """
 
 from __future__ import annotations

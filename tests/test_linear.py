@@ -108,15 +108,25 @@ def test_random_checkpoint_is_a_baseline(tmp_path, tiny_root):
     assert metrics["method"] == "random"
 
 
-def test_checkpoint_of_other_dataset_is_rejected(tmp_path, tiny_root, tiny_checkpoint, capsys):
-    payload = torch.load(tiny_checkpoint, weights_only=True)
-    payload["dataset"] = "cifar10"
-    wrong = tmp_path / "cifar10.pt"
-    torch.save(payload, wrong)
+def linear_eval_cli(tmp_path, tiny_root, checkpoint) -> int:
+    """Run `msvq linear-eval` on the tiny dataset with ``checkpoint``, writing to tmp_path/out."""
     params = write_params(tmp_path / "p.yaml", tiny_params(tiny_root))
-
-    code = main(["linear-eval", "--dataset", "fashionmnist", "--method", "msvq", "--checkpoint", str(wrong),
+    return main(["linear-eval", "--dataset", "fashionmnist", "--method", "msvq", "--checkpoint", str(checkpoint),
                  "--params", str(params), "--out", str(tmp_path / "out")])
+
+
+def tampered_checkpoint(source, target, change):
+    """Save a copy of checkpoint ``source`` at ``target`` after ``change(payload)``."""
+    payload = torch.load(source, weights_only=True)
+    change(payload)
+    torch.save(payload, target)
+    return target
+
+
+def test_checkpoint_of_other_dataset_is_rejected(tmp_path, tiny_root, tiny_checkpoint, capsys):
+    wrong = tampered_checkpoint(tiny_checkpoint, tmp_path / "cifar10.pt", lambda p: p.update(dataset="cifar10"))
+
+    code = linear_eval_cli(tmp_path, tiny_root, wrong)
 
     assert code == 1
     err = capsys.readouterr().err
@@ -126,26 +136,20 @@ def test_checkpoint_of_other_dataset_is_rejected(tmp_path, tiny_root, tiny_check
 
 
 def test_checkpoint_with_wrong_architecture_is_rejected(tmp_path, tiny_root, tiny_checkpoint, capsys):
-    payload = torch.load(tiny_checkpoint, weights_only=True)
-    payload["arch"]["width"] = 8
-    wrong = tmp_path / "wide.pt"
-    torch.save(payload, wrong)
-    params = write_params(tmp_path / "p.yaml", tiny_params(tiny_root))
+    wrong = tampered_checkpoint(tiny_checkpoint, tmp_path / "wide.pt", lambda p: p["arch"].update(width=8))
 
-    code = main(["linear-eval", "--dataset", "fashionmnist", "--method", "msvq", "--checkpoint", str(wrong),
-                 "--params", str(params), "--out", str(tmp_path / "out")])
+    code = linear_eval_cli(tmp_path, tiny_root, wrong)
 
     assert code == 1
     err = capsys.readouterr().err
     assert str(wrong) in err
     assert "weights do not fit ResNet-18" in err
     assert "size mismatch for conv1.weight" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_checkpoint_names_file(tmp_path, tiny_root, capsys):
-    params = write_params(tmp_path / "p.yaml", tiny_params(tiny_root))
-    code = main(["linear-eval", "--dataset", "fashionmnist", "--method", "msvq", "--checkpoint",
-                 str(tmp_path / "absent.pt"), "--params", str(params), "--out", str(tmp_path / "out")])
+    code = linear_eval_cli(tmp_path, tiny_root, tmp_path / "absent.pt")
     assert code == 1
     assert f"checkpoint not found: {tmp_path / 'absent.pt'}" in capsys.readouterr().err
 
@@ -153,10 +157,8 @@ def test_missing_checkpoint_names_file(tmp_path, tiny_root, capsys):
 def test_random_bytes_checkpoint_is_rejected(tmp_path, tiny_root, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(bytes(range(256)) * 20)
-    params = write_params(tmp_path / "p.yaml", tiny_params(tiny_root))
 
-    code = main(["linear-eval", "--dataset", "fashionmnist", "--method", "msvq", "--checkpoint", str(garbage),
-                 "--params", str(params), "--out", str(tmp_path / "out")])
+    code = linear_eval_cli(tmp_path, tiny_root, garbage)
 
     assert code == 1
     err = capsys.readouterr().err

@@ -272,7 +272,7 @@ def test_knn_figure_one_line_per_method():
     assert list(axes.get_lines()[2].get_ydata()) == [50.0, 70.0, 89.5]
     legend = [text.get_text() for text in axes.get_legend().get_texts()]
     assert legend == ["MoCo v2", "ReSSL", "MSVQ", "paper, epoch 200 (approx.)"]
-    # The paper's crosses are one scatter, for the methods drawn here (MQ has no curve).
+    # The paper's kNN values are one scatter, with a cross only for methods that have a curve here (MQ has none).
     (crosses,) = axes.collections
     assert crosses.get_offsets().tolist() == [[200, 81.0], [200, 90.0]]
     assert axes.get_xlabel() == "epoch"
