@@ -85,8 +85,15 @@ def cmd_knn(args: argparse.Namespace) -> None:
 
 
 def cmd_check_params(args: argparse.Namespace) -> None:
+    from msvq.io import write_text
+    from msvq.workflow import check_tracked_keys
+
     params = load_params(args.params)
+    check_tracked_keys(params.raw, args.params)
     log.info("%s is valid: %d dataset(s) x %d method(s)", args.params, len(params.datasets), len(params.methods))
+    if args.stamp:
+        # Constant content, so a rerun after a valid change leaves dependent stages alone.
+        write_text(args.stamp, "parameters valid\n")
 
 
 def add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", help="where figures/ and table.* go (default: the results directory)")
     report.add_argument("--paper", default="config/paper_results.yaml",
                         help="YAML file of the paper's reported numbers (default: config/paper_results.yaml)")
-    report.add_argument("--tsne-points", type=int, default=10000, help="max test points per t-SNE figure")
+    report.add_argument("--tsne-points", type=int,
+                        help="max test points per t-SNE figure (default: report.tsne_points)")
     report.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device for the t-SNE features")
     report.set_defaults(func=cmd_report)
 
@@ -161,9 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     knn.set_defaults(func=cmd_knn)
 
     check = commands.add_parser("check-params", help="validate a params file and every merged run",
-                                description="Validate a params file against the schema and check every "
-                                            "(dataset, method) run after merging its overrides.")
+                                description="Validate a params file against the schema, check every "
+                                            "(dataset, method) run after merging its overrides, and check "
+                                            "that every override section the workflow tracks is present.")
     check.add_argument("params", help="params file, e.g. config/params.yaml")
+    check.add_argument("--stamp", metavar="FILE",
+                       help="write FILE after a successful check (DVC's stages depend on it)")
     check.set_defaults(func=cmd_check_params)
     return parser
 

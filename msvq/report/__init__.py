@@ -48,20 +48,25 @@ def make_report(
     results_dir: str | Path,
     out_dir: str | Path | None = None,
     paper_path: str | Path = "config/paper_results.yaml",
-    tsne_points: int = 10000,
+    tsne_points: int | None = None,
     device: str = "cpu",
-    tsne_perplexity: float = 30.0,
+    tsne_perplexity: float | None = None,
 ) -> list[Path]:
     """Write the table, the kNN figures and the t-SNE figures; return the files written.
 
     ``out_dir`` defaults to ``results_dir``. Each t-SNE map uses at most ``tsne_points``
     test images, drawn with the run's pretrain.seed, which also seeds t-SNE.
-    ``tsne_perplexity`` is scikit-learn's perplexity (its default is 30). Raises
-    ReportError for a corrupt metrics.json, knn.csv or paper results file.
+    ``tsne_perplexity`` is scikit-learn's perplexity. Both default to the params file's
+    report section. Raises ReportError for a corrupt metrics.json, knn.csv or paper
+    results file.
     """
+    params = load_params(params_path)
+    if tsne_points is None:
+        tsne_points = params.raw["report"]["tsne_points"]
+    if tsne_perplexity is None:
+        tsne_perplexity = params.raw["report"]["tsne_perplexity"]
     if tsne_points < 1:
         raise ValueError(f"tsne_points must be at least 1, got {tsne_points}")
-    params = load_params(params_path)
     results_dir = Path(results_dir)
     out_dir = results_dir if out_dir is None else Path(out_dir)
 
