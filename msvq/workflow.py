@@ -1,4 +1,4 @@
-"""What each pipeline stage reads: parameter keys, msvq source files and command lines.
+"""Per-stage parameter keys, msvq source files and command lines of the pipeline.
 
 Snakemake (Snakefile, workflow/rules/) builds its rules from these functions. DVC's
 dvc.yaml is static YAML, so it spells out the same lists, and tests/test_workflow.py

@@ -118,12 +118,12 @@ def test_dvc_yaml_lists_tracked_keys(stage, dvc_name, item):
     body = stages[dvc_name].get("do") or stages[dvc_name]
     (entry,) = body["params"]
     if item is None:
-        wanted = workflow.tracked_keys(stage)
+        expected = workflow.tracked_keys(stage)
     elif isinstance(item, tuple):
-        wanted = workflow.tracked_keys(stage, *item)
+        expected = workflow.tracked_keys(stage, *item)
     else:
-        wanted = workflow.tracked_keys(stage, item)
-    assert entry["config/params.yaml"] == wanted
+        expected = workflow.tracked_keys(stage, item)
+    assert entry["config/params.yaml"] == expected
 
 
 def test_check_params_writes_stamp(tmp_path):
@@ -203,3 +203,14 @@ def test_snakemake_reports_unknown_key_path(project, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert "unknown key pretrain.epoch" in output
+
+
+def test_slurm_profile_sends_gpu_rules_to_gpu_partition():
+    profile = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    rules_text = "\n".join(path.read_text() for path in (REPO / "workflow" / "rules").glob("*.smk"))
+    gpu_rules = set(re.findall(r"^rule (\w+):(?:(?!^rule ).)*?gpu=1", rules_text, flags=re.MULTILINE | re.DOTALL))
+    assert gpu_rules == {"pretrain", "linear_eval", "linear_eval_random"}
+    assert profile["executor"] == "slurm"
+    assert set(profile["set-resources"]) == gpu_rules
+    for rule in gpu_rules:
+        assert profile["set-resources"][rule]["slurm_partition"] != profile["default-resources"]["slurm_partition"]
