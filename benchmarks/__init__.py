@@ -1,0 +1,1 @@
+"""Throughput benchmarks; see benchmarks/README.md."""
