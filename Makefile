@@ -29,7 +29,8 @@ fashion-mnist:
 	fi
 
 # The demo runs the Snakemake pipeline on config/demo.yaml; the msvq commands it calls
-# come from the venv. The default profile sets the cores and the gpu=1 resource. A second run finds everything up to date and does nothing.
+# come from the venv. The default profile sets the cores and the gpu=1 resource. A
+# second run finds everything up to date and does nothing.
 demo: setup fashion-mnist
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --workflow-profile workflow/profiles/default \
 		--configfile config/demo.yaml

@@ -7,6 +7,7 @@ from torch import Tensor, nn
 
 from msvq.methods.common import Encoder, shuffle_batch
 from msvq.models import ProjectionHead
+from msvq.models.batchnorm import split_count_scaled, uses_only_split_batchnorm
 
 
 class Method(nn.Module):
@@ -57,3 +58,37 @@ class Method(nn.Module):
             return teacher(x)
         shuffled, unshuffle = shuffle_batch(x, generator)
         return teacher(shuffled)[unshuffle]
+
+    @torch.no_grad()
+    def _encode_teacher_views(self, teacher: nn.Module, views: Sequence[Tensor],
+                              generator: torch.Generator | None) -> list[Tensor]:
+        """Encode equal-sized views with one teacher in a single forward pass.
+
+        Each SplitBatchNorm2d runs with its split count times the number of views, so every
+        view keeps splits of its own, of the same size as when it is encoded alone, and the
+        features match separate _encode_teacher calls up to floating-point rounding.
+        Shuffling draws one permutation per view, in view order, as separate calls do. The
+        teacher's running statistics get one update instead of one per view, which no
+        output depends on, because teachers always use batch statistics. A teacher with
+        plain BatchNorm2d layers (bn_splits 1) encodes the views one by one, since a joint
+        pass would mix their batch statistics.
+        """
+        if len(views) == 1 or not uses_only_split_batchnorm(teacher):
+            return [self._encode_teacher(teacher, x, generator) for x in views]
+        batch = views[0].shape[0]
+        if any(x.shape[0] != batch for x in views):
+            raise ValueError(f"views must have equal batch sizes, got {[x.shape[0] for x in views]}")
+
+        unshuffles = []
+        if self.shuffle_bn:
+            shuffled = []
+            for x in views:
+                x, unshuffle = shuffle_batch(x, generator)
+                shuffled.append(x)
+                unshuffles.append(unshuffle)
+            views = shuffled
+        with split_count_scaled(teacher, len(views)):
+            features = teacher(torch.cat(list(views))).split(batch)
+        if not self.shuffle_bn:
+            return list(features)
+        return [z[unshuffle] for z, unshuffle in zip(features, unshuffles)]

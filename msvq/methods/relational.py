@@ -76,12 +76,10 @@ class RelationalDistillation(Method):
         # The queues are cloned because the enqueue below overwrites rows that backward needs.
         queue1 = self.queue1.features.clone()
         z1 = self.student(views[0])
-        z2 = self._encode_teacher(self.teacher1, views[1], generator)
-        teacher_feats, queues = [z2], [queue1]
-        if self.teacher1_views == 2:
-            z3 = self._encode_teacher(self.teacher1, views[2], generator)
-            teacher_feats.append(z3)
-            queues.append(queue1)
+        # Teacher 1 encodes x2 (and x3 for msv and msvq) in one forward pass.
+        teacher1_feats = self._encode_teacher_views(self.teacher1, views[1 : 1 + self.teacher1_views], generator)
+        z2 = teacher1_feats[0]
+        teacher_feats, queues = list(teacher1_feats), [queue1] * self.teacher1_views
         if self.use_teacher2:
             queue2 = self.queue2.features.clone()
             z4 = self._encode_teacher(self.teacher2, views[-1], generator)

@@ -1,5 +1,8 @@
 """Split batch normalisation: one set of batch statistics per chunk of the batch."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,3 +70,26 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             factor = self.momentum
         self.running_mean.lerp_(means.mean(dim=0), factor)
         self.running_var.lerp_(unbiased_vars.mean(dim=0), factor)
+
+
+def uses_only_split_batchnorm(module: nn.Module) -> bool:
+    """Return True when every batch-norm layer in ``module`` is a SplitBatchNorm2d."""
+    norms = [layer for layer in module.modules() if isinstance(layer, nn.modules.batchnorm._BatchNorm)]
+    return all(isinstance(layer, SplitBatchNorm2d) for layer in norms)
+
+
+@contextmanager
+def split_count_scaled(module: nn.Module, factor: int) -> Iterator[None]:
+    """Multiply the split count of every SplitBatchNorm2d in ``module`` by ``factor`` for a block.
+
+    A batch of ``factor`` views concatenated along the batch dimension then gets the same
+    chunk size, and so the same per-chunk statistics, as each view alone.
+    """
+    layers = [layer for layer in module.modules() if isinstance(layer, SplitBatchNorm2d)]
+    for layer in layers:
+        layer.num_splits *= factor
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.num_splits //= factor
