@@ -144,7 +144,7 @@ def main(argv=None) -> int:
     print(describe_hardware(device))
     peaks = {precision: matmul_peak(device, precision, args.matmul_size) for precision in ("fp32", "bf16")}
     print(f"matrix-multiply peak ({args.matmul_size}^3, median of 5): "
-          + ", ".join(f"{name} {value:.3f} TFLOP/s" for name, value in peaks.items()))
+          + ", ".join(f"{name} {value:.4g} TFLOP/s" for name, value in peaks.items()))
     print(f"step: {args.method}, ResNet-18 width {args.width}, {args.image}px images, {args.crop}px views, "
           f"batch {args.batch}, {args.bn_splits} BN splits, queue {args.queue}, device {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")

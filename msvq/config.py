@@ -169,8 +169,9 @@ def describe_error(error: jsonschema.ValidationError) -> str:
         return f"{path}: {error.message}"
     if error.validator == "propertyNames":
         return f"{path}: unknown name {error.instance!r}; {error.message}"
-    allowed = error.schema.get("description") or error.message
-    return f"{path} = {error.instance!r} is invalid: {error.message} ({allowed})"
+    description = error.schema.get("description")
+    suffix = f" ({description})" if description else ""
+    return f"{path} = {error.instance!r} is invalid: {error.message}{suffix}"
 
 
 def validate(raw: Any, source: Path | str) -> None:

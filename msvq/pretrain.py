@@ -38,6 +38,7 @@ from msvq.knn import extract_features, knn_top1
 from msvq.methods import build_method
 from msvq.models import resnet18
 from msvq.schedule import warmup_cosine
+from msvq.workflow import source_digest
 
 log = logging.getLogger(__name__)
 
@@ -141,10 +142,12 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_state(path: Path, method, optimizer, epoch: int, step: int, params_hash: str, history: History) -> None:
+def save_state(path: Path, method, optimizer, epoch: int, step: int, params_hash: str, history: History,
+               code_hash: str) -> None:
     state = {
         "version": STATE_VERSION,
         "params_hash": params_hash,
+        "code_hash": code_hash,
         "epoch": epoch,
         "step": step,
         "method": method.state_dict(),
@@ -156,8 +159,13 @@ def save_state(path: Path, method, optimizer, epoch: int, step: int, params_hash
         torch.save(state, tmp)
 
 
-def load_state(path: Path, params_hash: str) -> dict[str, Any] | None:
-    """Return the resume state at ``path`` if it was made with the same params, else None."""
+def load_state(path: Path, params_hash: str, code_hash: str) -> dict[str, Any] | None:
+    """Return the resume state at ``path`` if it was made with the same params and code, else None.
+
+    ``code_hash`` covers the msvq source files pretraining imports, so a workflow that
+    reruns pretraining after a code change trains afresh instead of resuming a run
+    that older code finished.
+    """
     if not path.is_file():
         return None
     try:
@@ -170,6 +178,9 @@ def load_state(path: Path, params_hash: str) -> dict[str, Any] | None:
             "ignoring resume state %s: it was made with other parameters (hash %s, now %s); starting fresh",
             path, str(state.get("params_hash"))[:12], params_hash[:12],
         )
+        return None
+    if state.get("code_hash") != code_hash:
+        log.warning("ignoring resume state %s: it was made with other msvq source code; starting fresh", path)
         return None
     return state
 
@@ -212,7 +223,8 @@ def pretrain(run: RunParams, out: str | Path, state_dir: str | Path | None = Non
 
     # --- resume -----------------------------------------------------------------
     history, start_epoch, step = History(), 0, 0
-    state = load_state(state_path, params_hash)
+    code_hash = source_digest("pretrain")
+    state = load_state(state_path, params_hash, code_hash)
     if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
@@ -288,7 +300,7 @@ def pretrain(run: RunParams, out: str | Path, state_dir: str | Path | None = Non
             row["epoch"], cfg.epochs, row["loss"], lr, "-" if knn is None else f"{knn:.2f}",
             row["images_per_s"], row["seconds"],
         )
-        save_state(state_path, method, optimizer, epoch + 1, step, params_hash, history)
+        save_state(state_path, method, optimizer, epoch + 1, step, params_hash, history, code_hash)
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "train_log.csv", history.log_csv())
 

@@ -13,6 +13,7 @@ method to carry all five override sections (``{}`` where nothing is overridden);
 from __future__ import annotations
 
 import ast
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,16 @@ def stage_sources(stage: str) -> list[str]:
     rerun every stage after an edit to one command's help text.
     """
     return [*import_closure(STAGE_MODULES[stage]), SCHEMA_FILE]
+
+
+def source_digest(stage: str) -> str:
+    """Return a SHA-256 hex digest of the names and contents of ``stage``'s source files."""
+    root = PACKAGE_DIR.parent
+    digest = hashlib.sha256()
+    for name in stage_sources(stage):
+        digest.update(name.encode() + b"\0")
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()
 
 
 def stage_command(stage: str, params_file: str, dataset: str | None = None,

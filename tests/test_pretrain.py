@@ -128,6 +128,22 @@ def test_state_with_other_params_is_ignored(tmp_path, tiny_root, caplog):
     assert state["params_hash"] == second.run("fashionmnist", "msvq").digest("data", "model", "pretrain", "method")
 
 
+def test_state_from_other_code_is_ignored(tmp_path, tiny_root, caplog, monkeypatch):
+    out = tmp_path / "out"
+    run = load_params(write_params(tmp_path / "a.yaml", tiny_params(tiny_root, epochs=2, knn_every=0))).run(
+        "fashionmnist", "msvq")
+    pretrain(run, out)
+
+    monkeypatch.setattr(pretrain_module, "source_digest", lambda stage: "edited sources")
+    with caplog.at_level("INFO"):
+        pretrain(run, out)
+
+    assert "made with other msvq source code" in caplog.text
+    assert "resuming" not in caplog.text
+    assert [row["epoch"] for row in read_rows(out / "train_log.csv")] == ["1", "2"]
+    assert torch.load(out / "resume" / "last.pt", weights_only=True)["code_hash"] == "edited sources"
+
+
 def test_nan_loss_keeps_last_good_state(tmp_path, tiny_root, monkeypatch):
     real_build = pretrain_module.build_method
     calls = {"n": 0}

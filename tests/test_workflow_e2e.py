@@ -262,9 +262,16 @@ def test_dvc_exp_run_rejects_mistyped_key(projects):
     project = projects["dvc"]
     good = project.params_file.read_text()
     try:
-        result = project.command(str(BIN / "dvc"), "exp", "run", "-S", "config/params.yaml:linear.epochz=5",
-                                 check=False)
-        assert result.returncode != 0
+        # DVC itself rejects -S for a key the file lacks, unless it is prefixed with +.
+        typo = project.command(str(BIN / "dvc"), "exp", "run", "-S", "config/params.yaml:linear.epochz=5",
+                               check=False)
+        assert typo.returncode != 0
         assert "linear.epochz" in project.last_output
+        added = project.command(str(BIN / "dvc"), "exp", "run", "-S", "config/params.yaml:+linear.epochz=5",
+                                check=False)
+        assert added.returncode != 0
+        assert "unknown key linear.epochz" in project.last_output
+        assert "Running stage 'check_params'" in project.last_output
+        assert "Running stage 'pretrain" not in project.last_output
     finally:
         project.params_file.write_text(good)

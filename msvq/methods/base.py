@@ -64,8 +64,8 @@ class Method(nn.Module):
                               generator: torch.Generator | None) -> list[Tensor]:
         """Encode equal-sized views with one teacher in a single forward pass.
 
-        Each SplitBatchNorm2d runs with its split count times the number of views, so every
-        view keeps splits of its own, of the same size as when it is encoded alone, and the
+        Each SplitBatchNorm2d runs with its split count times the number of views. Every
+        view then keeps splits of its own, of the size it gets when encoded alone, so the
         features match separate _encode_teacher calls up to floating-point rounding.
         Shuffling draws one permutation per view, in view order, as separate calls do. The
         teacher's running statistics get one update instead of one per view, which no

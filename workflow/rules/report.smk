@@ -9,7 +9,7 @@ def figure(name, category, **labels):
 RUN_PAIRS = [(dataset, method) for dataset in DATASETS for method in METHODS]
 REPORT_OUTPUTS = dict(
     table_md=f"{RESULTS}/table.md",
-    table_csv=f"{RESULTS}/table.csv",
+    table_csv=report(f"{RESULTS}/table.csv", category="Results table"),
     knn=[figure(f"knn_{dataset}.png", "kNN top-1", dataset=dataset) for dataset in DATASETS],
     tsne=[figure(f"tsne_{d}_{m}.png", "t-SNE", dataset=d, method=m) for d, m in RUN_PAIRS],
 )
