@@ -121,6 +121,9 @@ def test_snakemake_html_report_shows_figures(projects):
     html = (project.path / "report.html").read_text(errors="replace")
     assert "knn_fashionmnist.png" in html
     assert "tsne_cifar10_msvq.png" in html
+    # Only files wrapped in report() are added; every output is named in the job metadata.
+    for name in ("table.csv", "knn_cifar10.png", "tsne_fashionmnist_msvq.png"):
+        assert f"Adding {name}" in project.last_output
 
 
 def test_dvc_shows_params_metrics_and_plots(projects):
