@@ -36,8 +36,9 @@ try:
 except ParamsError as error:
     raise WorkflowError(f"msvq: {error}") from None
 
-# Snakemake merged the --configfile over config/params.yaml; the jobs see only the
-# file they are given, so the config becomes exactly that file.
+# Without --replace-workflow-config, Snakemake merges a --configfile over
+# config/params.yaml. The jobs read only the file they are given, so the config
+# becomes exactly that file.
 config.clear()
 config.update(PARAMS.raw)
 validate(config, schema="../schemas/params.schema.yaml")
