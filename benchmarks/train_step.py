@@ -26,11 +26,10 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.hardware import describe_hardware, matmul_peak  # noqa: E402
-from msvq.augment import strong_view, weak_view  # noqa: E402
 from msvq.methods import build_method  # noqa: E402
 from msvq.models import resnet18  # noqa: E402
+from msvq.pretrain import make_views, optimization_step  # noqa: E402
 
-VIEWS = {"strong": strong_view, "weak": weak_view}
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
 
@@ -67,19 +66,13 @@ def build(args: argparse.Namespace, device: torch.device, channels_last: bool):
     return method, optimizer, memory_format
 
 
-def make_step(args, method, optimizer, memory_format, device, dtype, images, generator):
+def make_step(args, method, optimizer, memory_format, dtype, images, generator):
+    """Return one pretraining step as `msvq pretrain` runs it, on the same batch each time."""
+
     def step() -> torch.Tensor:
-        views = [
-            VIEWS[kind](images, args.crop, MEAN[: args.channels], STD[: args.channels], generator=generator)
-            .contiguous(memory_format=memory_format)
-            for kind in method.view_kinds
-        ]
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = method.training_step(views, generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        views = make_views(images, method.view_kinds, args.crop, MEAN[: args.channels], STD[: args.channels],
+                           generator, memory_format)
+        return optimization_step(method, optimizer, views, dtype, generator).detach()
 
     return step
 
@@ -103,7 +96,7 @@ def measure(args, device, precision: str, channels_last: bool) -> dict:
     generator = torch.Generator(device=device).manual_seed(0)
     images = torch.randint(0, 256, (args.batch, args.image, args.image, args.channels), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0)).to(device)
-    step = make_step(args, method, optimizer, memory_format, device, dtype, images, generator)
+    step = make_step(args, method, optimizer, memory_format, dtype, images, generator)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

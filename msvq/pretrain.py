@@ -70,6 +70,30 @@ class History:
         return buffer.getvalue()
 
 
+def make_views(batch: torch.Tensor, view_kinds, crop: int, mean, std, generator: torch.Generator,
+               memory_format: torch.memory_format) -> list[torch.Tensor]:
+    """Make one augmented view of a uint8 batch per entry of ``view_kinds``, in ``memory_format``."""
+    return [
+        VIEW_FUNCTIONS[kind](batch, crop, mean, std, generator=generator).contiguous(memory_format=memory_format)
+        for kind in view_kinds
+    ]
+
+
+def optimization_step(method, optimizer, views: list[torch.Tensor], dtype: torch.dtype | None,
+                      generator: torch.Generator) -> torch.Tensor:
+    """Run the method's step on ``views`` (under bf16 autocast when ``dtype`` is set), backward and SGD.
+
+    Returns the loss tensor without reading it, so the step never waits for the device.
+    """
+    device_type = views[0].device.type
+    with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = method.training_step(views, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+
 def epoch_generator(seed: int, epoch: int, purpose: int, device: torch.device) -> torch.Generator:
     """Return a generator seeded from (seed, epoch, purpose), so a resumed epoch replays exactly."""
     generator = torch.Generator(device=device)
@@ -253,16 +277,9 @@ def pretrain(run: RunParams, out: str | Path, state_dir: str | Path | None = Non
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = images[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]].to(device, non_blocking=True)
-            views = [
-                VIEW_FUNCTIONS[kind](batch, run.data.crop, data.mean, data.std, generator=view_generator)
-                .contiguous(memory_format=memory_format)
-                for kind in method.view_kinds
-            ]
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = method.training_step(views, generator=shuffle_generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            views = make_views(batch, method.view_kinds, run.data.crop, data.mean, data.std, view_generator,
+                               memory_format)
+            loss = optimization_step(method, optimizer, views, dtype, shuffle_generator)
 
             loss = loss.detach().float()
             finite = torch.isfinite(loss)

@@ -436,8 +436,8 @@ def test_joint_teacher_pass_matches_separate(shuffle_bn):
     separate_generator = torch.Generator().manual_seed(7)
     separate = [method._encode_teacher(method.teacher1, x, separate_generator) for x in (x2, x3)]
     joint = method._encode_teacher_views(method.teacher1, [x2, x3], torch.Generator().manual_seed(7))
-    for one, both in zip(separate, joint):
-        torch.testing.assert_close(both, one, atol=1e-5, rtol=1e-5)
+    for separate_features, joint_features in zip(separate, joint):
+        torch.testing.assert_close(joint_features, separate_features, atol=1e-5, rtol=1e-5)
 
 
 def test_joint_teacher_pass_restores_split_count():
@@ -454,5 +454,5 @@ def test_joint_teacher_pass_plain_batchnorm_separate():
     separate_generator = torch.Generator().manual_seed(7)
     separate = [method._encode_teacher(method.teacher1, x, separate_generator) for x in (x2, x3)]
     joint = method._encode_teacher_views(method.teacher1, [x2, x3], torch.Generator().manual_seed(7))
-    for one, both in zip(separate, joint):
-        torch.testing.assert_close(both, one, atol=0, rtol=0)
+    for separate_features, joint_features in zip(separate, joint):
+        torch.testing.assert_close(joint_features, separate_features, atol=0, rtol=0)

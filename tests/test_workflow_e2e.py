@@ -128,8 +128,8 @@ def test_snakemake_html_report_shows_figures(projects):
 
 def test_dvc_shows_params_metrics_and_plots(projects):
     project = projects["dvc"]
-    shown = json.loads(project.command(str(BIN / "dvc"), "exp", "show", "--json").stdout)
-    text = json.dumps(shown)
+    experiments = json.loads(project.command(str(BIN / "dvc"), "exp", "show", "--json").stdout)
+    text = json.dumps(experiments)
     assert "linear.epochs" in text or '"epochs"' in text
     assert "results/runs/cifar10/msvq/linear/metrics.json" in text
     assert '"top1"' in text
