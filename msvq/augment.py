@@ -21,7 +21,7 @@ RandomApply(GaussianBlur) and Normalize. Known differences:
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 import torch
@@ -82,6 +82,17 @@ class ViewParams:
     blur: Tensor | None = None
     blur_sigma: Tensor | None = None
 
+    def select(self, index: Tensor) -> "ViewParams":
+        """Return the parameters of the samples at ``index`` (int64, on any device), in that order."""
+        index = index.to(self.flip.device)
+
+        def rows(value: Tensor | None) -> Tensor | None:
+            return None if value is None else value.index_select(0, index)
+
+        boxes = CropBoxes(**{field.name: rows(getattr(self.boxes, field.name)) for field in fields(CropBoxes)})
+        rest = {field.name: rows(getattr(self, field.name)) for field in fields(self) if field.name != "boxes"}
+        return ViewParams(boxes=boxes, **rest)
+
 
 def strong_view(
     x: Tensor, crop: int, mean: Sequence[float], std: Sequence[float], generator: torch.Generator | None = None
@@ -125,11 +136,23 @@ def random_view(
     mean: Sequence[float],
     std: Sequence[float],
     generator: torch.Generator | None = None,
+    rows: Tensor | None = None,
+    total: int | None = None,
 ) -> Tensor:
-    """Make one view of a uint8 (B, H, W, C) batch with fresh random parameters per sample."""
+    """Make one view of a uint8 (B, H, W, C) batch with fresh random parameters per sample.
+
+    With ``rows`` (int64 indices), x contains those rows of a batch of ``total`` images.
+    The parameters are then drawn for all ``total`` images and those of ``rows`` applied,
+    so each image gets the view it would get in the whole batch. Processes that split
+    one batch use this to make the views that a single process would make.
+    """
     _check_images(x, mean, std)
     batch, height, width, _ = x.shape
-    params = sample_view_params(recipe, batch, height, width, generator=generator, device=x.device)
+    if rows is None:
+        params = sample_view_params(recipe, batch, height, width, generator=generator, device=x.device)
+    else:
+        params = sample_view_params(recipe, total, height, width, generator=generator, device=x.device)
+        params = params.select(rows)
     return apply_view(x, params, crop, mean, std)
 
 

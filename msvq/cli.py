@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -45,21 +46,38 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     prepare(get_spec(args.dataset), root, force=args.force)
 
 
+def start_processes_if_needed(nproc: int, args: argparse.Namespace, run, check_world_size) -> None:
+    """Rerun this command as ``nproc`` processes under torchrun, unless it already runs under torchrun.
+
+    ``check_world_size(run, ranks)`` raises on settings that do not divide among
+    ``nproc`` processes, before any process starts. Under a torchrun the user started
+    (several nodes, for example), the command runs as one of its processes, and the
+    number of processes is torchrun's, not ``nproc``.
+    """
+    from msvq.distributed import Ranks, exec_torchrun, launched_by_torchrun
+
+    if nproc > 1 and not launched_by_torchrun():
+        check_world_size(run, Ranks(world_size=nproc))
+        exec_torchrun(nproc, args.argv, run.pretrain.device)
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from msvq.pretrain import pretrain
+    from msvq.pretrain import check_world_size, pretrain
 
     run = load_params(args.params).run(args.dataset, args.method)
     if args.device:
         run = dataclasses.replace(run, pretrain=dataclasses.replace(run.pretrain, device=args.device))
+    start_processes_if_needed(run.pretrain.nproc, args, run, check_world_size)
     pretrain(run, args.out, state_dir=args.state_dir)
 
 
 def cmd_linear_eval(args: argparse.Namespace) -> None:
-    from msvq.linear import linear_eval
+    from msvq.linear import check_world_size, linear_eval
 
     run = load_params(args.params).run(args.dataset, args.method)
     if args.device:
         run = dataclasses.replace(run, pretrain=dataclasses.replace(run.pretrain, device=args.device))
+    start_processes_if_needed(run.linear.nproc, args, run, check_world_size)
     linear_eval(run, args.checkpoint, args.out, mode=args.mode)
 
 
@@ -193,9 +211,15 @@ def known_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
+    level = logging.DEBUG if args.verbose else logging.INFO
+    # Under torchrun only rank 0 logs progress, and the other ranks log warnings and errors.
+    if os.environ.get("RANK", "0") != "0":
+        level = logging.WARNING
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )

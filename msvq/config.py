@@ -61,6 +61,7 @@ class PretrainParams:
     knn_every: int
     knn_k: int
     knn_t: float
+    nproc: int
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ class LinearParams:
     nesterov: bool
     weight_decay: float
     seed: int
+    nproc: int
 
 
 SECTION_TYPES = {
@@ -110,8 +112,15 @@ class RunParams:
         return {name: dataclasses.asdict(getattr(self, name)) for name in names}
 
     def digest(self, *names: str) -> str:
-        """Return a SHA-256 hex digest of the named sections, stable across runs."""
-        payload = {"dataset": self.dataset, "method": self.method_name, **self.sections(*names)}
+        """Return a SHA-256 hex digest of the named sections, stable across runs.
+
+        The process counts (``nproc``) are left out: results do not depend on them, so a
+        run may resume with another number of processes.
+        """
+        sections = self.sections(*names)
+        for values in sections.values():
+            values.pop("nproc", None)
+        payload = {"dataset": self.dataset, "method": self.method_name, **sections}
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 

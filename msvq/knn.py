@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from msvq.augment import test_view
+from msvq.distributed import Ranks, gather_rows, rank_rows
 
 
 def knn_predict(
@@ -97,3 +98,16 @@ def _as_tensor(images: np.ndarray | Tensor) -> Tensor:
         return images
     # np.array copies a (possibly read-only, memory-mapped) slice into writable memory.
     return torch.from_numpy(np.array(images))
+
+
+def extract_features_across_ranks(backbone: nn.Module, images: np.ndarray | Tensor, ranks: Ranks,
+                                  **kwargs) -> Tensor:
+    """Run extract_features on this rank's share of ``images`` and return every rank's features, in order.
+
+    The keyword arguments are those of extract_features. In a single process this is
+    extract_features on all images.
+    """
+    if not ranks.enabled:
+        return extract_features(backbone, images, **kwargs)
+    rows = rank_rows(len(images), ranks).numpy()
+    return gather_rows(extract_features(backbone, images[rows], **kwargs), len(images), ranks)

@@ -33,9 +33,10 @@ from msvq import augment
 from msvq.checkpoint import load_backbone
 from msvq.config import RunParams
 from msvq.data.prepared import PreparedDataset, open_prepared
-from msvq.device import select_device, select_precision
+from msvq.device import select_precision
+from msvq.distributed import Ranks, check_divisible, gather_rows, process_group, rank_rows
 from msvq.io import write_json, write_text
-from msvq.knn import extract_features
+from msvq.knn import extract_features_across_ranks
 from msvq.models import LinearClassifier
 from msvq.schedule import warmup_cosine
 
@@ -67,6 +68,7 @@ def train_classifier(
     run: RunParams,
     steps_per_epoch: int,
     desc: str = "linear",
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train a LinearClassifier and evaluate it on the test features after every epoch.
 
@@ -88,7 +90,7 @@ def train_classifier(
         classifier.train()
         loss_sum = torch.zeros((), device=device)
         bar = tqdm(train_batches(epoch), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-                   leave=False, unit="step")
+                   leave=False, unit="step", disable=not progress)
         for features, labels in bar:
             lr = warmup_cosine(step, total_steps, 0, cfg.lr)
             for group in optimizer.param_groups:
@@ -118,12 +120,27 @@ def train_classifier(
     return rows
 
 
-def linear_eval(run: RunParams, checkpoint: str, out: str | Path, mode: str | None = None) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` (or 'random') on ``run.dataset`` and write the outputs to ``out``."""
-    out = Path(out)
-    mode = mode or run.linear.mode
+def linear_eval(run: RunParams, checkpoint: str, out: str | Path, mode: str | None = None) -> dict[str, Any] | None:
+    """Evaluate ``checkpoint`` (or 'random') on ``run.dataset`` and write the outputs to ``out``.
+
+    Started by torchrun, each process encodes its share of every batch, and all ranks
+    train the same classifier on the gathered features. Only rank 0 writes files.
+    Returns the metrics on rank 0 and None on the other ranks.
+    """
+    with process_group(run.pretrain.device) as (ranks, device):
+        return evaluate(run, checkpoint, Path(out), mode or run.linear.mode, ranks, device)
+
+
+def check_world_size(run: RunParams, ranks: Ranks) -> None:
+    """Raise ParamsError unless the global batch divides among the processes."""
+    check_divisible("linear.batch_size", run.linear.batch_size, ranks)
+
+
+def evaluate(run: RunParams, checkpoint: str, out: Path, mode: str, ranks: Ranks,
+             device: torch.device) -> dict[str, Any] | None:
+    """Run linear evaluation as one of ``ranks`` on ``device``; see ``linear_eval``."""
     started = time.perf_counter()
-    device = select_device(run.pretrain.device)
+    check_world_size(run, ranks)
     dtype = select_precision(run.pretrain.precision, device)
     data = open_prepared(run.data.root, run.dataset)
     backbone = load_backbone(run, data, checkpoint, seed=run.linear.seed).to(device)
@@ -132,7 +149,7 @@ def linear_eval(run: RunParams, checkpoint: str, out: str | Path, mode: str | No
                   autocast_dtype=dtype, normalize=False)
 
     log.info("encoding the %d test images", len(data.images("test")))
-    test_features = extract_features(backbone, data.images("test"), **encode)
+    test_features = extract_features_across_ranks(backbone, data.images("test"), ranks, **encode)
     test_labels = torch.from_numpy(data.labels("test")).to(device)
     train_images = data.images("train")
     train_labels = torch.from_numpy(data.labels("train"))
@@ -140,7 +157,7 @@ def linear_eval(run: RunParams, checkpoint: str, out: str | Path, mode: str | No
 
     if mode == "features":
         log.info("encoding the %d train images once (mode features)", len(train_images))
-        train_features = extract_features(backbone, train_images, **encode)
+        train_features = extract_features_across_ranks(backbone, train_images, ranks, **encode)
         labels_on_device = train_labels.to(device)
 
         def train_batches(epoch: int):
@@ -159,18 +176,22 @@ def linear_eval(run: RunParams, checkpoint: str, out: str | Path, mode: str | No
             order = torch.randperm(len(images), generator=generator)
             for start in range(0, len(order), batch_size):
                 index = order[start : start + batch_size]
-                batch = images[index].to(device, non_blocking=True)
-                views = augment.linear_train_view(batch, crop, data.mean, data.std, generator=view_generator)
+                # Each rank encodes its rows of the batch, and every rank gets all features.
+                rows = rank_rows(len(index), ranks) if ranks.enabled else None
+                batch = images[index if rows is None else index[rows]].to(device, non_blocking=True)
+                views = augment.random_view(batch, augment.LINEAR_TRAIN, crop, data.mean, data.std,
+                                            generator=view_generator, rows=rows, total=len(index))
                 with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32,
                                                      enabled=dtype is not None):
                     features = backbone(views).float()
-                yield features, train_labels[index].to(device)
+                yield gather_rows(features, len(index), ranks), train_labels[index].to(device)
 
     else:
         raise ValueError(f"unknown linear evaluation mode {mode!r}; expected 'augmented' or 'features'")
 
     rows = train_classifier(train_batches, test_features, test_labels, test_features.shape[1], data.num_classes,
-                            run, steps_per_epoch, desc=f"linear {run.dataset}/{run.method_name}")
+                            run, steps_per_epoch, desc=f"linear {run.dataset}/{run.method_name}",
+                            progress=ranks.is_main)
 
     best = max(rows, key=lambda row: row["top1"])
     metrics = {
@@ -185,6 +206,8 @@ def linear_eval(run: RunParams, checkpoint: str, out: str | Path, mode: str | No
         "method": run.method_name,
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
+    if not ranks.is_main:
+        return None
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "curve.csv", curve_csv(rows))
     write_json(out / "metrics.json", metrics)

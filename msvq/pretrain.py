@@ -33,8 +33,18 @@ from msvq.checkpoint import backbone_arch, load_backbone, save_checkpoint
 from msvq.config import ParamsError, RunParams
 from msvq.data.prepared import PreparedDataset, open_prepared
 from msvq.device import select_device, select_precision
+from msvq.distributed import (
+    SINGLE_PROCESS,
+    Ranks,
+    average_,
+    broadcast_object,
+    check_divisible,
+    max_over_ranks,
+    process_group,
+    rank_rows,
+)
 from msvq.io import atomic_path, write_json, write_text
-from msvq.knn import extract_features, knn_top1
+from msvq.knn import extract_features_across_ranks, knn_top1
 from msvq.methods import build_method
 from msvq.models import resnet18
 from msvq.schedule import warmup_cosine
@@ -43,7 +53,7 @@ from msvq.workflow import source_digest
 log = logging.getLogger(__name__)
 
 PRETRAIN_SECTIONS = ("data", "model", "pretrain", "method")
-VIEW_FUNCTIONS = {"strong": augment.strong_view, "weak": augment.weak_view}
+VIEW_RECIPES = {"strong": augment.STRONG, "weak": augment.WEAK}
 STATE_VERSION = 1
 
 
@@ -71,12 +81,19 @@ class History:
 
 
 def make_views(batch: torch.Tensor, view_kinds, crop: int, mean, std, generator: torch.Generator,
-               memory_format: torch.memory_format) -> list[torch.Tensor]:
-    """Make one augmented view of a uint8 batch per entry of ``view_kinds``, in ``memory_format``."""
-    return [
-        VIEW_FUNCTIONS[kind](batch, crop, mean, std, generator=generator).contiguous(memory_format=memory_format)
-        for kind in view_kinds
-    ]
+               memory_format: torch.memory_format, rows: torch.Tensor | None = None,
+               total: int | None = None) -> list[torch.Tensor]:
+    """Make one augmented view of a uint8 batch per entry of ``view_kinds``, in ``memory_format``.
+
+    With ``rows``, ``batch`` contains those rows of a global batch of ``total`` images: the
+    random parameters are drawn for the whole global batch and applied to these rows, so
+    an image gets the same view whatever the number of processes.
+    """
+    views = []
+    for kind in view_kinds:
+        view = augment.random_view(batch, VIEW_RECIPES[kind], crop, mean, std, generator, rows=rows, total=total)
+        views.append(view.contiguous(memory_format=memory_format))
+    return views
 
 
 def optimization_step(method, optimizer, views: list[torch.Tensor], dtype: torch.dtype | None,
@@ -91,6 +108,7 @@ def optimization_step(method, optimizer, views: list[torch.Tensor], dtype: torch
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    method.average_batchnorm_statistics_()
     return loss
 
 
@@ -118,24 +136,32 @@ def pretraining_images(data: PreparedDataset, subset: int | None, seed: int) -> 
     return images
 
 
-def build_backbone_factory(run: RunParams, data: PreparedDataset):
+def build_backbone_factory(run: RunParams, data: PreparedDataset, ranks: Ranks = SINGLE_PROCESS):
+    """Return a function that builds the pretraining backbone, and its architecture settings.
+
+    Each of W processes gets 1/W of the global batch, so its backbone gets
+    model.bn_splits / W splits of the same size as in a single process.
+    """
     arch = backbone_arch(run.model.width, data.channels, data.image_size, run.data.crop)
 
     def factory():
-        return resnet18(**arch, bn_splits=run.model.bn_splits)
+        return resnet18(**arch, bn_splits=run.model.bn_splits // ranks.world_size)
 
     return factory, arch
 
 
-def run_knn(backbone, data: PreparedDataset, run: RunParams, device, dtype) -> float:
-    """kNN top-1 (percent) of the test split against the labelled train split."""
-    bank_images = data.images("train")
+def run_knn(backbone, data: PreparedDataset, run: RunParams, device, dtype, ranks: Ranks = SINGLE_PROCESS) -> float:
+    """kNN top-1 (percent) of the test split against the labelled train split.
+
+    Across processes each rank encodes its share of the images, and every rank scores
+    the gathered features.
+    """
     bank_labels = torch.from_numpy(data.labels("train"))
     batch = max(512, run.pretrain.batch_size)
     kwargs = dict(mean=data.mean, std=data.std, crop=run.data.crop, batch_size=batch, device=device,
                   autocast_dtype=dtype)
-    bank = extract_features(backbone, bank_images, **kwargs)
-    test = extract_features(backbone, data.images("test"), **kwargs)
+    bank = extract_features_across_ranks(backbone, data.images("train"), ranks, **kwargs)
+    test = extract_features_across_ranks(backbone, data.images("test"), ranks, **kwargs)
     test_labels = torch.from_numpy(data.labels("test"))
     return float(knn_top1(test, bank, bank_labels, test_labels, data.num_classes, k=run.pretrain.knn_k,
                           t=run.pretrain.knn_t))
@@ -209,14 +235,31 @@ def load_state(path: Path, params_hash: str, code_hash: str) -> dict[str, Any] |
     return state
 
 
-def pretrain(run: RunParams, out: str | Path, state_dir: str | Path | None = None) -> dict[str, Any]:
-    """Pretrain ``run.method_name`` on ``run.dataset`` and write the outputs to ``out``."""
+def pretrain(run: RunParams, out: str | Path, state_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """Pretrain ``run.method_name`` on ``run.dataset`` and write the outputs to ``out``.
+
+    Started by torchrun, this process trains as one rank of the group, and only rank 0
+    writes files. Returns the metrics on rank 0 and None on the other ranks.
+    """
     out = Path(out)
     state_path = Path(state_dir or out / "resume") / "last.pt"
+    with process_group(run.pretrain.device) as (ranks, device):
+        return train(run, out, state_path, ranks, device)
+
+
+def check_world_size(run: RunParams, ranks: Ranks) -> None:
+    """Raise ParamsError unless the global batch and the BatchNorm splits divide among the processes."""
+    check_divisible("pretrain.batch_size", run.pretrain.batch_size, ranks)
+    # Every process normalises whole SplitBatchNorm groups of batch_size / bn_splits
+    # samples, so the groups, and the results, do not depend on the number of processes.
+    check_divisible("model.bn_splits", run.model.bn_splits, ranks)
+
+
+def train(run: RunParams, out: Path, state_path: Path, ranks: Ranks, device: torch.device) -> dict[str, Any] | None:
+    """Run the pretraining loop as one of ``ranks`` on ``device``; see ``pretrain``."""
     params_hash = run.digest(*PRETRAIN_SECTIONS)
     cfg, method_cfg = run.pretrain, run.method
-
-    device = select_device(cfg.device)
+    check_world_size(run, ranks)
     dtype = select_precision(cfg.precision, device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
 
@@ -232,10 +275,12 @@ def pretrain(run: RunParams, out: str | Path, state_dir: str | Path | None = Non
         )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = steps_per_epoch * cfg.warmup_epochs
+    # This rank's rows of every global batch (all of them in a single process).
+    rows = rank_rows(cfg.batch_size, ranks) if ranks.enabled else None
 
     # --- model ------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    factory, arch = build_backbone_factory(run, data)
+    factory, arch = build_backbone_factory(run, data, ranks)
     method = build_method(
         run.method_name, factory, proj_hidden=run.model.proj_hidden, proj_dim=run.model.proj_dim,
         m1=method_cfg.m1, m2=method_cfg.m2, tau_s=method_cfg.tau_s, tau_t=method_cfg.tau_t,
@@ -248,37 +293,45 @@ def pretrain(run: RunParams, out: str | Path, state_dir: str | Path | None = Non
     # --- resume -----------------------------------------------------------------
     history, start_epoch, step = History(), 0, 0
     code_hash = source_digest("pretrain")
-    state = load_state(state_path, params_hash, code_hash)
+    # Rank 0 reads the state and sends it to the other ranks.
+    state = load_state(state_path, params_hash, code_hash) if ranks.is_main else None
+    state = broadcast_object(state, ranks)
     if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng_states(state["rng"])
         start_epoch, step, history.rows = state["epoch"], state["step"], list(state["history"])
         log.info("resuming from %s after epoch %d of %d", state_path, start_epoch, cfg.epochs)
+    method.distribute(ranks, device)
     log.info(
-        "pretraining %s on %s: %d images, %d steps/epoch, %d epochs, device %s, %s",
+        "pretraining %s on %s: %d images, %d steps/epoch, %d epochs, device %s, %s%s",
         run.method_name, run.dataset, len(images), steps_per_epoch, cfg.epochs, device,
         "bf16 autocast" if dtype else "fp32",
+        f", {ranks.world_size} processes of {cfg.batch_size // ranks.world_size} images per step"
+        if ranks.enabled else "",
     )
 
     started = time.perf_counter()
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
         method.train()
+        # Every rank draws the same order, views and shuffles from these generators.
         order = torch.randperm(len(images), generator=epoch_generator(cfg.seed, epoch, 0, torch.device("cpu")))
         view_generator = epoch_generator(cfg.seed, epoch, 1, device)
         shuffle_generator = epoch_generator(cfg.seed, epoch, 2, device)
         loss_sum = torch.zeros((), device=device)
         first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
 
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="step")
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, unit="step",
+                   disable=not ranks.is_main)
         for i in bar:
             lr = warmup_cosine(step, total_steps, warmup_steps, cfg.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = images[order[i * cfg.batch_size : (i + 1) * cfg.batch_size]].to(device, non_blocking=True)
+            index = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
+            batch = images[index if rows is None else index[rows]].to(device, non_blocking=True)
             views = make_views(batch, method.view_kinds, run.data.crop, data.mean, data.std, view_generator,
-                               memory_format)
+                               memory_format, rows=rows, total=cfg.batch_size)
             loss = optimization_step(method, optimizer, views, dtype, shuffle_generator)
 
             loss = loss.detach().float()
@@ -288,21 +341,24 @@ def pretrain(run: RunParams, out: str | Path, state_dir: str | Path | None = Non
             loss_sum += torch.where(finite, loss, torch.zeros_like(loss))
             step += 1
             if i % 20 == 0 or i == steps_per_epoch - 1:
-                bad = int(first_bad_step)
+                bad = int(max_over_ranks(first_bad_step, ranks))
                 if bad >= 0:
                     raise NonFiniteLossError(
                         f"non-finite loss at epoch {epoch + 1}, step {bad + 1} (global); stopping. "
                         f"The last good resume state is {state_path} (after epoch {epoch}). "
                         "Lower pretrain.lr or use precision fp32."
                     )
-                bar.set_postfix(loss=f"{loss_sum.item() / (i + 1):.4f}", lr=f"{lr:.4g}")
+                shown_loss = loss_sum.clone()
+                average_([shown_loss], ranks)
+                bar.set_postfix(loss=f"{shown_loss.item() / (i + 1):.4f}", lr=f"{lr:.4g}")
         bar.close()
+        average_([loss_sum], ranks)
 
         train_seconds = time.perf_counter() - epoch_start
         knn = None
         last = epoch + 1 == cfg.epochs
         if cfg.knn_every and ((epoch + 1) % cfg.knn_every == 0 or last):
-            knn = run_knn(method.student_backbone, data, run, device, dtype)
+            knn = run_knn(method.student_backbone, data, run, device, dtype, ranks)
         row = {
             "epoch": epoch + 1,
             "loss": round(loss_sum.item() / steps_per_epoch, 6),
@@ -317,15 +373,19 @@ def pretrain(run: RunParams, out: str | Path, state_dir: str | Path | None = Non
             row["epoch"], cfg.epochs, row["loss"], lr, "-" if knn is None else f"{knn:.2f}",
             row["images_per_s"], row["seconds"],
         )
-        save_state(state_path, method, optimizer, epoch + 1, step, params_hash, history, code_hash)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "train_log.csv", history.log_csv())
+        if ranks.is_main:
+            save_state(state_path, method, optimizer, epoch + 1, step, params_hash, history, code_hash)
+            out.mkdir(parents=True, exist_ok=True)
+            write_text(out / "train_log.csv", history.log_csv())
 
+    if not ranks.is_main:
+        return None
     return write_outputs(out, run, method, arch, data, history, params_hash, device, dtype,
-                         time.perf_counter() - started)
+                         time.perf_counter() - started, ranks.world_size)
 
 
-def write_outputs(out, run, method, arch, data, history, params_hash, device, dtype, seconds) -> dict[str, Any]:
+def write_outputs(out, run, method, arch, data, history, params_hash, device, dtype, seconds,
+                  processes: int = 1) -> dict[str, Any]:
     knn_rows = [row for row in history.rows if row["knn_top1"] is not None]
     metrics = {
         "knn_top1": knn_rows[-1]["knn_top1"] if knn_rows else None,
@@ -335,6 +395,7 @@ def write_outputs(out, run, method, arch, data, history, params_hash, device, dt
         "wall_time_s": round(sum(row["seconds"] for row in history.rows), 1),
         "this_run_s": round(seconds, 1),
         "device": device.type,
+        "processes": processes,
         "precision": "bf16" if dtype else "fp32",
         "params_hash": params_hash,
     }

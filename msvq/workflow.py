@@ -17,7 +17,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from msvq.config import SECTIONS, ParamsError
+from msvq.config import SECTIONS, Params, ParamsError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 RESULTS = "results"
@@ -193,6 +193,16 @@ def source_digest(stage: str) -> str:
         digest.update(name.encode() + b"\0")
         digest.update((root / name).read_bytes())
     return digest.hexdigest()
+
+
+def stage_processes(params: Params, stage: str, dataset: str, method: str) -> int:
+    """Return the processes, one per GPU, that ``stage`` starts for one run: pretrain.nproc or linear.nproc."""
+    run = params.run(dataset, method)
+    if stage == "pretrain":
+        return run.pretrain.nproc
+    if stage == "linear":
+        return run.linear.nproc
+    raise ValueError(f"stage {stage!r} runs in one process; only pretrain and linear take nproc")
 
 
 def stage_command(stage: str, params_file: str, dataset: str | None = None,

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from msvq.methods import METHODS, MoCoV2, build_method
-from msvq.methods.common import FeatureQueue, ema_update_, shuffle_batch
+from msvq.methods.common import FeatureQueue, ema_update_
 from msvq.methods.losses import distill_ce, infonce_loss, msvq_loss
 from msvq.models import resnet18
 
@@ -186,15 +186,6 @@ def test_queue_starts_with_unit_rows_in_state_dict():
 
     torch.testing.assert_close(queue.features.norm(dim=1), torch.ones(16))
     assert set(queue.state_dict()) == {"features", "ptr"}
-
-
-def test_shuffle_batch_is_undone_by_unshuffle():
-    x = torch.arange(10.0).view(10, 1)
-
-    shuffled, unshuffle = shuffle_batch(x, torch.Generator().manual_seed(0))
-
-    assert not torch.equal(shuffled, x)
-    assert torch.equal(shuffled[unshuffle], x)
 
 
 # Training steps.

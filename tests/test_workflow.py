@@ -208,9 +208,43 @@ def test_snakemake_reports_unknown_key_path(project, tmp_path):
 def test_slurm_profile_sends_gpu_rules_to_gpu_partition():
     profile = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
     rules_text = "\n".join(path.read_text() for path in (REPO / "workflow" / "rules").glob("*.smk"))
-    gpu_rules = set(re.findall(r"^rule (\w+):(?:(?!^rule ).)*?gpu=1", rules_text, flags=re.MULTILINE | re.DOTALL))
+    gpu_rules = set(re.findall(r"^rule (\w+):(?:(?!^rule ).)*?gpu=processes\(", rules_text, flags=re.MULTILINE | re.DOTALL))
     assert gpu_rules == {"pretrain", "linear_eval", "linear_eval_random"}
     assert profile["executor"] == "slurm"
     assert set(profile["set-resources"]) == gpu_rules
     for rule in gpu_rules:
         assert profile["set-resources"][rule]["slurm_partition"] != profile["default-resources"]["slurm_partition"]
+
+
+def job_resources(output: str) -> list[tuple[str, str, int, int]]:
+    """Return (rule, wildcards, threads, gpu) of each job a dry run prints with a gpu resource."""
+    jobs = []
+    for block in re.split(r"^(?=(?:local)?rule \w+:)", output, flags=re.MULTILINE):
+        rule = re.search(r"^(?:local)?rule (\w+):", block, flags=re.MULTILINE)
+        gpu = re.search(r"resources: .*\bgpu=(\d+)", block)
+        if rule and gpu:
+            wildcards = re.search(r"wildcards: (.*)", block).group(1)
+            threads = int(re.search(r"threads: (\d+)", block).group(1))
+            jobs.append((rule.group(1), wildcards, threads, int(gpu.group(1))))
+    return jobs
+
+
+def test_gpu_jobs_request_nproc_gpus(project, tmp_path):
+    raw = yaml.safe_load(PAPER.read_text())
+    raw["datasets"], raw["methods"] = ["cifar10", "stl10"], ["msvq"]
+    raw["pretrain"]["nproc"] = 2
+    raw["overrides"]["datasets"]["stl10"]["pretrain"] = {"nproc": 4}
+    raw["overrides"]["datasets"]["stl10"]["linear"] = {"nproc": 2}
+    params_file = tmp_path / "nproc.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+
+    result = snakemake(project, "-n", "--cores", "64", "--resources", "gpu=8", "--configfile", str(params_file))
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    printed = job_resources(result.stdout + result.stderr)
+    jobs = {(rule, wildcards): (threads, gpu) for rule, wildcards, threads, gpu in printed}
+    assert jobs[("pretrain", "dataset=cifar10, method=msvq")] == (8, 2)
+    assert jobs[("pretrain", "dataset=stl10, method=msvq")] == (16, 4)
+    assert jobs[("linear_eval", "dataset=cifar10, method=msvq")] == (4, 1)
+    assert jobs[("linear_eval", "dataset=stl10, method=msvq")] == (8, 2)
+    assert jobs[("linear_eval_random", "dataset=stl10")] == (8, 2)

@@ -216,11 +216,13 @@ def test_linear_param_reruns_linear_eval_and_report(projects, engine):
 @pytest.mark.parametrize("engine", ENGINES)
 def test_dataset_pretrain_param_reruns_its_chain(projects, engine):
     project = projects[engine]
-    change_params(project, lambda raw: raw["overrides"]["datasets"]["cifar10"]["pretrain"].update(epochs=3))
+    # nproc 2 makes the same stage command start two processes under torchrun.
+    change_params(project, lambda raw: raw["overrides"]["datasets"]["cifar10"]["pretrain"].update(epochs=3, nproc=2))
     chain = {f"pretrain@cifar10-{METHOD}", f"linear_eval@cifar10-{METHOD}", "linear_eval_random@cifar10", "report"}
     assert project.run() == expected(project, chain, params_changed=True)
     metrics = json.loads((project.path / "results/runs/cifar10/msvq/pretrain/metrics.json").read_text())
     assert metrics["epochs"] == 3
+    assert metrics["processes"] == 2
 
 
 @pytest.mark.parametrize("engine", ENGINES)

@@ -1,4 +1,4 @@
-"""Building blocks shared by the methods: encoder, EMA update, feature queue, batch shuffle."""
+"""Building blocks shared by the methods: encoder, EMA update, feature queue."""
 
 import copy
 
@@ -74,13 +74,3 @@ class FeatureQueue(nn.Module):
         self.features.index_copy_(0, rows, keys.to(self.features.dtype))
         self.ptr.copy_(torch.remainder(self.ptr + num_keys, self.size))
 
-
-def shuffle_batch(x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """Permute the batch randomly and return the shuffled batch with the index that undoes it.
-
-    `y[unshuffle]` puts the rows of a per-sample output y of the shuffled batch back in the
-    original order.
-    """
-    permutation = torch.randperm(x.shape[0], generator=generator, device=x.device)
-    unshuffle = torch.argsort(permutation)
-    return x[permutation], unshuffle

@@ -39,8 +39,7 @@ class MoCoV2(Method):
     def training_step(self, views: list[Tensor], generator: torch.Generator | None = None) -> Tensor:
         """Update the key encoder, compute the loss of views [x1, x2], enqueue the keys and return the loss.
 
-        NOTE: single process only. Under DistributedDataParallel the keys would need an
-        all-gather before the enqueue, and the shuffle would need to cross ranks.
+        Across processes the queue receives every rank's keys in rank order.
         """
         self._check_views(views)
         x1, x2 = views
@@ -49,12 +48,11 @@ class MoCoV2(Method):
 
         # The queue is cloned because the enqueue below overwrites rows that backward needs.
         queue = self.queue.features.clone()
-        q1 = self.student(x1)
-        q2 = self.student(x2)
+        q1, q2 = self._encode_student([x1, x2])
         k1 = self._encode_teacher(self.key_encoder, x1, generator)
         k2 = self._encode_teacher(self.key_encoder, x2, generator)
 
         loss = (infonce_loss(q1, k2, queue, self.temperature) + infonce_loss(q2, k1, queue, self.temperature)) / 2
 
-        self.queue.enqueue_(torch.cat([k1, k2]))
+        self.queue.enqueue_(torch.cat([self._gather_keys(k1), self._gather_keys(k2)]))
         return loss

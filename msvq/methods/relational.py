@@ -64,8 +64,8 @@ class RelationalDistillation(Method):
         The views are [x1, x2] for ressl, [x1, x2, x3] for msv, [x1, x2, x4] for mq and
         [x1, x2, x3, x4] for msvq.
 
-        NOTE: single process only. Under DistributedDataParallel the keys would need an
-        all-gather before the enqueue, and the shuffle would need to cross ranks.
+        Across processes each rank passes its rows of the global batch, and the queues
+        receive every rank's keys in rank order, so all ranks keep the same queues.
         """
         self._check_views(views)
 
@@ -75,7 +75,7 @@ class RelationalDistillation(Method):
 
         # The queues are cloned because the enqueue below overwrites rows that backward needs.
         queue1 = self.queue1.features.clone()
-        z1 = self.student(views[0])
+        z1 = self._encode_student(views[:1])[0]
         # Teacher 1 encodes x2 (and x3 for msv and msvq) in one forward pass.
         teacher1_feats = self._encode_teacher_views(self.teacher1, views[1 : 1 + self.teacher1_views], generator)
         z2 = teacher1_feats[0]
@@ -88,9 +88,9 @@ class RelationalDistillation(Method):
 
         loss = relational_loss(z1, teacher_feats, queues, self.tau_s, self.tau_t)
 
-        self.queue1.enqueue_(z2)
+        self.queue1.enqueue_(self._gather_keys(z2))
         if self.use_teacher2:
-            self.queue2.enqueue_(z4)
+            self.queue2.enqueue_(self._gather_keys(z4))
         return loss
 
 

@@ -49,8 +49,8 @@ ROOT = PARAMS.raw["data"]["root"]
 RESULTS = stages.RESULTS
 RUNS = stages.RUNS
 RANDOM = stages.RANDOM_METHOD
-# Threads of a GPU job: its Python process and the kernels it launches. On a CPU-only
-# machine the cap of --cores applies, so a job there gets at most all cores.
+# Threads per process of a GPU job: its Python process and the kernels it launches. On
+# a CPU-only machine the cap of --cores applies, so a job there gets at most all cores.
 GPU_JOB_THREADS = 4
 # Console output also goes to the job's log, so progress bars stay visible.
 TO_LOG = " 2>&1 | tee {log:q}"
@@ -76,6 +76,22 @@ def tracked(stage, per_method=True):
         return stages.stage_params(PARAMS.raw, stage, wildcards.get("dataset"), method)
 
     return subset
+
+
+def processes(stage, per_method=True):
+    """Return a function of the wildcards: the processes (GPUs) one job of ``stage`` starts."""
+
+    def count(wildcards):
+        method = wildcards.method if per_method else RANDOM
+        return stages.stage_processes(PARAMS, stage, wildcards.dataset, method)
+
+    return count
+
+
+def gpu_job_threads(stage, per_method=True):
+    """Return a function of the wildcards: the threads of a job of ``stage``, GPU_JOB_THREADS per process."""
+    count = processes(stage, per_method)
+    return lambda wildcards: GPU_JOB_THREADS * count(wildcards)
 
 
 def run_dir(dataset, method, stage):

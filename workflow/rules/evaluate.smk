@@ -14,9 +14,10 @@ rule linear_eval:
         tracked=tracked("linear"),
     log:
         "logs/{dataset}/{method}/linear.log",
-    threads: GPU_JOB_THREADS
+    threads: gpu_job_threads("linear")
     resources:
-        gpu=1,
+        # linear.nproc processes, one GPU each, started by msvq under torchrun when above 1.
+        gpu=processes("linear"),
     shell:
         command("linear", "{wildcards.dataset}", "{wildcards.method}")
 
@@ -32,8 +33,8 @@ rule linear_eval_random:
         tracked=tracked("linear", per_method=False),
     log:
         f"logs/{{dataset}}/{RANDOM}/linear.log",
-    threads: GPU_JOB_THREADS
+    threads: gpu_job_threads("linear", per_method=False)
     resources:
-        gpu=1,
+        gpu=processes("linear", per_method=False),
     shell:
         command("linear", "{wildcards.dataset}", RANDOM)

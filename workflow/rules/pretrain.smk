@@ -18,8 +18,9 @@ rule pretrain:
         "logs/{dataset}/{method}/pretrain.log",
     benchmark:
         "logs/{dataset}/{method}/pretrain.benchmark.tsv"
-    threads: GPU_JOB_THREADS
+    threads: gpu_job_threads("pretrain")
     resources:
-        gpu=1,
+        # pretrain.nproc processes, one GPU each, started by msvq under torchrun when above 1.
+        gpu=processes("pretrain"),
     shell:
         command("pretrain", "{wildcards.dataset}", "{wildcards.method}")
