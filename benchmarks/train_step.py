@@ -45,6 +45,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--queue", type=int, default=4096, help="queue length")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the networks after counting FLOPs (the warm-up steps compile)")
+    parser.add_argument("--project-epochs", type=int, default=0,
+                        help="also print the time of this many epochs at the measured rate (0: off)")
+    parser.add_argument("--epoch-images", type=int, default=50_000,
+                        help="images per epoch for --project-epochs (CIFAR-10: 50000)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (median reported)")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the square matrices of the peak test")
@@ -103,6 +109,8 @@ def measure(args, device, precision: str, channels_last: bool) -> dict:
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
+    if args.compile:
+        method.compile_networks()
     for _ in range(args.warmup):
         step()
     synchronize(device)
@@ -153,6 +161,10 @@ def main(argv=None) -> int:
                   f"{row['TFLOP/s']:.3f} TFLOP/s ({row['of fp32 peak']:.0%} of fp32 peak, "
                   f"{row['of bf16 peak']:.0%} of bf16 peak)  {row['GFLOP/image']:.2f} GFLOP/image  "
                   f"peak {row['peak MiB']:.0f} MiB", flush=True)
+            if args.project_epochs:
+                hours = args.project_epochs * args.epoch_images / row["images/s"] / 3600
+                print(f"    {args.project_epochs} epochs of {args.epoch_images} images: {hours:.1f} h "
+                      "of training steps (kNN monitor and data loading not included)", flush=True)
 
     baseline = rows[0]
     print(f"ratios to {baseline['precision']} {baseline['memory format']} (images/s):")

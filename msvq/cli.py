@@ -46,39 +46,75 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     prepare(get_spec(args.dataset), root, force=args.force)
 
 
-def start_processes_if_needed(nproc: int, args: argparse.Namespace, run, check_world_size) -> None:
-    """Rerun this command as ``nproc`` processes under torchrun, unless it already runs under torchrun.
+class WorkersStopped(Exception):
+    """The processes started under torchrun stopped: ``code`` is the command's exit status."""
 
-    ``check_world_size(run, ranks)`` raises on settings that do not divide among
-    ``nproc`` processes, before any process starts. Under a torchrun the user started
-    (several nodes, for example), the command runs as one of its processes, and the
-    number of processes is torchrun's, not ``nproc``.
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def start_processes_if_needed(nproc: int, args: argparse.Namespace, run, check_run) -> bool:
+    """Run this command as ``nproc`` processes under torchrun and wait; return False if it is not needed.
+
+    It is not needed for one process, or when the command already runs under a torchrun
+    that the user started (several nodes, for example), whose process count then
+    applies instead of ``nproc``. ``check_run(run, ranks)`` raises on settings or files
+    that would fail every process, before any process starts. Raises WorkersStopped
+    when the processes fail or a signal stops them.
     """
-    from msvq.distributed import Ranks, exec_torchrun, launched_by_torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    if nproc > 1 and not launched_by_torchrun():
-        check_world_size(run, Ranks(world_size=nproc))
-        exec_torchrun(nproc, args.argv, run.pretrain.device)
+    from msvq.distributed import Ranks, launched_by_torchrun, run_torchrun
+
+    if nproc == 1 or launched_by_torchrun():
+        return False
+    check_run(run, Ranks(world_size=nproc))
+    try:
+        run_torchrun(nproc, args.argv, run.pretrain.device)
+    except SignalException as stop:
+        raise WorkersStopped(128 + int(stop.sigval), f"stopped by {stop.sigval.name}") from None
+    except ChildFailedError as error:
+        codes = sorted({failure.exitcode for failure in error.failures.values()})
+        raise WorkersStopped(
+            1, f"{len(error.failures)} of {nproc} processes failed (exit status {codes}); their errors are above"
+        ) from None
+    return True
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    from msvq.data.prepared import open_prepared
     from msvq.pretrain import check_world_size, pretrain
 
     run = load_params(args.params).run(args.dataset, args.method)
     if args.device:
         run = dataclasses.replace(run, pretrain=dataclasses.replace(run.pretrain, device=args.device))
-    start_processes_if_needed(run.pretrain.nproc, args, run, check_world_size)
-    pretrain(run, args.out, state_dir=args.state_dir)
+
+    def check_run(run, ranks):
+        check_world_size(run, ranks)
+        open_prepared(run.data.root, run.dataset)
+
+    if not start_processes_if_needed(run.pretrain.nproc, args, run, check_run):
+        pretrain(run, args.out, state_dir=args.state_dir)
 
 
 def cmd_linear_eval(args: argparse.Namespace) -> None:
+    from msvq.data.prepared import open_prepared
     from msvq.linear import check_world_size, linear_eval
 
     run = load_params(args.params).run(args.dataset, args.method)
     if args.device:
         run = dataclasses.replace(run, pretrain=dataclasses.replace(run.pretrain, device=args.device))
-    start_processes_if_needed(run.linear.nproc, args, run, check_world_size)
-    linear_eval(run, args.checkpoint, args.out, mode=args.mode)
+
+    def check_run(run, ranks):
+        check_world_size(run, ranks)
+        open_prepared(run.data.root, run.dataset)
+        if args.checkpoint != "random" and not Path(args.checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}; run msvq pretrain first")
+
+    if not start_processes_if_needed(run.linear.nproc, args, run, check_run):
+        linear_eval(run, args.checkpoint, args.out, mode=args.mode)
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -223,15 +259,23 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # Each process under torchrun prints its own errors, marked with its rank.
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = f"(rank {os.environ.get('RANK')} of {world_size}) " if world_size > 1 else ""
+    resume_hint = " Run the same command again to resume after the last completed epoch."
     try:
         args.func(args)
     except known_errors() as error:
-        print(f"msvq {args.command}: error: {error}", file=sys.stderr)
+        print(f"msvq {args.command}: error: {rank}{error}", file=sys.stderr)
         return 1
+    except WorkersStopped as stop:
+        interrupted = stop.code > 128
+        hint = resume_hint if args.command == "pretrain" and interrupted else ""
+        label = "interrupted" if interrupted else "error"
+        print(f"msvq {args.command}: {label}: {stop}.{hint}", file=sys.stderr)
+        return stop.code
     except KeyboardInterrupt:
-        hint = ""
-        if args.command == "pretrain":
-            hint = " Run the same command again to resume after the last completed epoch."
+        hint = resume_hint if args.command == "pretrain" else ""
         print(f"msvq {args.command}: interrupted.{hint}", file=sys.stderr)
         return 130
     return 0

@@ -23,6 +23,8 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "params.schema.yaml"
 SECTIONS = ("data", "model", "pretrain", "method", "linear")
+# Keys that set how a run executes without changing its result; RunParams.digest skips them.
+EXECUTION_KEYS = ("nproc", "compile")
 
 
 class ParamsError(ValueError):
@@ -62,6 +64,7 @@ class PretrainParams:
     knn_k: int
     knn_t: float
     nproc: int
+    compile: bool
 
 
 @dataclass(frozen=True)
@@ -114,12 +117,14 @@ class RunParams:
     def digest(self, *names: str) -> str:
         """Return a SHA-256 hex digest of the named sections, stable across runs.
 
-        The process counts (``nproc``) are left out: results do not depend on them, so a
-        run may resume with another number of processes.
+        The process counts (``nproc``) and ``pretrain.compile`` are left out. They change
+        how the same computation runs, not its result, so a run may resume with another
+        number of processes or with compilation switched.
         """
         sections = self.sections(*names)
         for values in sections.values():
-            values.pop("nproc", None)
+            for key in EXECUTION_KEYS:
+                values.pop(key, None)
         payload = {"dataset": self.dataset, "method": self.method_name, **sections}
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
@@ -235,6 +240,16 @@ def check_run(run: RunParams, source: Path | str) -> None:
         problems.append(
             f"data.train_subset = {run.data.train_subset} must be at least "
             f"pretrain.batch_size = {pre.batch_size} (batches drop the remainder)"
+        )
+    # Each of nproc processes takes an equal share of the global batch and normalises
+    # whole SplitBatchNorm groups of batch_size / bn_splits samples.
+    if pre.batch_size % pre.nproc:
+        problems.append(f"pretrain.batch_size = {pre.batch_size} must be divisible by pretrain.nproc = {pre.nproc}")
+    if run.model.bn_splits % pre.nproc:
+        problems.append(f"model.bn_splits = {run.model.bn_splits} must be divisible by pretrain.nproc = {pre.nproc}")
+    if run.linear.batch_size % run.linear.nproc:
+        problems.append(
+            f"linear.batch_size = {run.linear.batch_size} must be divisible by linear.nproc = {run.linear.nproc}"
         )
     if problems:
         lines = "\n".join(f"  - {problem}" for problem in problems)

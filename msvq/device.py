@@ -38,7 +38,8 @@ def select_device(requested: str) -> torch.device:
         raise DeviceError(
             f"device 'cuda' was requested but none is usable: torch.cuda.is_available() is False "
             f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}, "
-            f"{torch.cuda.device_count()} device(s) found). Set pretrain.device to cpu or auto."
+            f"{torch.cuda.device_count()} device(s) found). "
+            "Set pretrain.device (or the --device option) to cpu or auto."
         )
     return torch.device(requested)
 

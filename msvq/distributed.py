@@ -80,6 +80,7 @@ def process_group(device_request: str) -> Iterator[tuple[Ranks, torch.device]]:
     if not ranks.enabled:
         yield ranks, device
         return
+    exit_with_parent()
 
     if device.type == "cuda":
         available = torch.cuda.device_count()
@@ -102,8 +103,8 @@ def process_group(device_request: str) -> Iterator[tuple[Ranks, torch.device]]:
             dist.destroy_process_group()
 
 
-def rank_rows(total: int, ranks: Ranks) -> Tensor:
-    """Return the indices (int64) of this rank's rows among ``total`` global rows.
+def rank_rows(total: int, ranks: Ranks, device: torch.device | str | None = None) -> Tensor:
+    """Return the indices (int64, on ``device``) of this rank's rows among ``total`` global rows.
 
     Each rank gets ceil(total / W) consecutive rows. When ``total`` does not divide, the
     last ranks repeat row total - 1 to fill their share, and ``gather_rows`` drops the
@@ -111,7 +112,7 @@ def rank_rows(total: int, ranks: Ranks) -> Tensor:
     """
     per_rank = -(-total // ranks.world_size)
     start = ranks.rank * per_rank
-    return torch.arange(start, start + per_rank).clamp_(max=total - 1)
+    return torch.arange(start, start + per_rank, device=device).clamp_(max=total - 1)
 
 
 def gather_rows(rows: Tensor, total: int, ranks: Ranks) -> Tensor:
@@ -166,32 +167,68 @@ def check_divisible(key: str, value: int, ranks: Ranks) -> None:
         )
 
 
-def torchrun_command(nproc: int, argv: Sequence[str]) -> list[str]:
-    """Return the command that reruns ``msvq ARGV`` as ``nproc`` processes on this node under torchrun.
+def torchrun_args(nproc: int, argv: Sequence[str]) -> list[str]:
+    """Return torchrun's arguments that run ``msvq ARGV`` as ``nproc`` processes on this node.
 
     ``--standalone`` picks a free local port, so several such jobs can share a machine.
     """
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "msvq.cli", *argv]
+    return ["--standalone", f"--nproc-per-node={nproc}", "-m", "msvq.cli", *argv]
 
 
-def exec_torchrun(nproc: int, argv: Sequence[str], device_request: str) -> None:
-    """Replace this process with torchrun running ``msvq ARGV`` as ``nproc`` local processes.
+def threads_per_process(nproc: int) -> int:
+    """Return the CPU threads of each of ``nproc`` processes: OMP_NUM_THREADS (or all cores) split among them."""
+    budget = os.environ.get("OMP_NUM_THREADS", "")
+    total = int(budget) if budget.isdigit() and int(budget) > 0 else os.cpu_count() or 1
+    return max(1, total // nproc)
 
-    Signals then reach torchrun, which stops its workers. Raises DeviceError first when
-    CUDA is requested (or chosen by auto) and this node has fewer than ``nproc`` GPUs.
+
+def run_torchrun(nproc: int, argv: Sequence[str], device_request: str) -> None:
+    """Run ``msvq ARGV`` as ``nproc`` processes on this node under torchrun's launcher, and wait.
+
+    The launcher runs in this process, so its workers stop with it: it handles SIGINT
+    and SIGTERM, and each worker asks the kernel to kill it when this process dies
+    (``exit_with_parent``). Raises DeviceError first when CUDA is requested (or chosen
+    by auto) and this node has fewer than ``nproc`` GPUs, SignalException on a signal
+    and ChildFailedError when a worker fails, after all workers have stopped.
     """
+    from torch.distributed.run import get_args_parser, run
+
     device = select_device(device_request)
     if device.type == "cuda" and torch.cuda.device_count() < nproc:
         raise DeviceError(
             f"{nproc} processes need {nproc} GPUs, but this node has {torch.cuda.device_count()}; "
             "lower nproc in the params file or use more GPUs"
         )
-    env = dict(os.environ)
-    # torchrun would set OMP_NUM_THREADS=1 for several processes, so CPU processes share the cores instead.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    command = torchrun_command(nproc, argv)
-    log.info("starting %d processes under torchrun: %s", nproc, " ".join(command))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, command, env)
+    if device.type == "cpu" and nproc > (os.cpu_count() or 1):
+        log.warning("starting %d processes on %d CPU cores; each process will be slow", nproc, os.cpu_count())
+    # The workers inherit the environment. Without this, torchrun would give each one
+    # thread, and Snakemake's OMP_NUM_THREADS (the job's threads) would go to each process.
+    os.environ["OMP_NUM_THREADS"] = str(threads_per_process(nproc))
+    args = torchrun_args(nproc, argv)
+    log.info("starting %d processes under torchrun (%s threads each): torchrun %s", nproc,
+             os.environ["OMP_NUM_THREADS"], " ".join(args))
+    run(get_args_parser().parse_args(args))
+
+
+def exit_with_parent() -> None:
+    """Ask Linux to send this process SIGKILL when its parent (torchrun's launcher) dies.
+
+    torchrun (torch 2.14) starts its workers in sessions of their own, so a launcher
+    killed by SIGKILL or the out-of-memory killer would otherwise leave them training.
+    A no-op where prctl is unavailable.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError) as error:
+        log.warning("cannot tie this worker to its launcher (%s); it may outlive a killed launcher", error)
+        return
+    # The launcher may have died before prctl took effect; then init (pid 1) or a subreaper adopted this process.
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -205,6 +205,7 @@ def evaluate(run: RunParams, checkpoint: str, out: Path, mode: str, ranks: Ranks
         "dataset": run.dataset,
         "method": run.method_name,
         "wall_time_s": round(time.perf_counter() - started, 1),
+        "processes": ranks.world_size,
     }
     if not ranks.is_main:
         return None

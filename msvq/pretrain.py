@@ -275,8 +275,10 @@ def train(run: RunParams, out: Path, state_path: Path, ranks: Ranks, device: tor
         )
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = steps_per_epoch * cfg.warmup_epochs
-    # This rank's rows of every global batch (all of them in a single process).
+    # This rank's rows of every global batch (all of them in a single process), as
+    # indices into the batch's order on the host and into its views on the device.
     rows = rank_rows(cfg.batch_size, ranks) if ranks.enabled else None
+    view_rows = None if rows is None else rows.to(device)
 
     # --- model ------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -302,11 +304,13 @@ def train(run: RunParams, out: Path, state_path: Path, ranks: Ranks, device: tor
         restore_rng_states(state["rng"])
         start_epoch, step, history.rows = state["epoch"], state["step"], list(state["history"])
         log.info("resuming from %s after epoch %d of %d", state_path, start_epoch, cfg.epochs)
+    if cfg.compile:
+        method.compile_networks()
     method.distribute(ranks, device)
     log.info(
         "pretraining %s on %s: %d images, %d steps/epoch, %d epochs, device %s, %s%s",
         run.method_name, run.dataset, len(images), steps_per_epoch, cfg.epochs, device,
-        "bf16 autocast" if dtype else "fp32",
+        ("bf16 autocast" if dtype else "fp32") + (", compiled" if cfg.compile else ""),
         f", {ranks.world_size} processes of {cfg.batch_size // ranks.world_size} images per step"
         if ranks.enabled else "",
     )
@@ -331,7 +335,7 @@ def train(run: RunParams, out: Path, state_path: Path, ranks: Ranks, device: tor
             index = order[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             batch = images[index if rows is None else index[rows]].to(device, non_blocking=True)
             views = make_views(batch, method.view_kinds, run.data.crop, data.mean, data.std, view_generator,
-                               memory_format, rows=rows, total=cfg.batch_size)
+                               memory_format, rows=view_rows, total=cfg.batch_size)
             loss = optimization_step(method, optimizer, views, dtype, shuffle_generator)
 
             loss = loss.detach().float()
@@ -366,6 +370,8 @@ def train(run: RunParams, out: Path, state_path: Path, ranks: Ranks, device: tor
             "knn_top1": None if knn is None else round(knn, 3),
             "images_per_s": round(steps_per_epoch * cfg.batch_size / train_seconds, 1),
             "seconds": round(time.perf_counter() - epoch_start, 2),
+            # Kept in the resume state, not in train_log.csv.
+            "processes": ranks.world_size,
         }
         history.rows.append(row)
         log.info(
@@ -381,11 +387,10 @@ def train(run: RunParams, out: Path, state_path: Path, ranks: Ranks, device: tor
     if not ranks.is_main:
         return None
     return write_outputs(out, run, method, arch, data, history, params_hash, device, dtype,
-                         time.perf_counter() - started, ranks.world_size)
+                         time.perf_counter() - started)
 
 
-def write_outputs(out, run, method, arch, data, history, params_hash, device, dtype, seconds,
-                  processes: int = 1) -> dict[str, Any]:
+def write_outputs(out, run, method, arch, data, history, params_hash, device, dtype, seconds) -> dict[str, Any]:
     knn_rows = [row for row in history.rows if row["knn_top1"] is not None]
     metrics = {
         "knn_top1": knn_rows[-1]["knn_top1"] if knn_rows else None,
@@ -395,7 +400,9 @@ def write_outputs(out, run, method, arch, data, history, params_hash, device, dt
         "wall_time_s": round(sum(row["seconds"] for row in history.rows), 1),
         "this_run_s": round(seconds, 1),
         "device": device.type,
-        "processes": processes,
+        # The process count of the run that trained the last epoch, which a resumed
+        # finished run (training nothing) does not change.
+        "processes": history.rows[-1].get("processes", 1) if history.rows else None,
         "precision": "bf16" if dtype else "fp32",
         "params_hash": params_hash,
     }

@@ -401,10 +401,27 @@ def test_invalid_inputs_raise():
         augment.test_view(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), 8, (0.5,), (0.5,))
 
 
-def test_hsv_round_trip_is_identity():
+def test_hue_shift_by_zero_or_full_turn_is_identity():
     x = _float_images(4, seed=30)
 
-    out = augment._hsv_to_rgb(*augment._rgb_to_hsv(x))
-
-    torch.testing.assert_close(out, x, atol=1e-6, rtol=0)
     torch.testing.assert_close(augment.adjust_hue(x, torch.zeros(4)), x, atol=1e-6, rtol=0)
+    torch.testing.assert_close(augment.adjust_hue(x, torch.ones(4)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(augment.adjust_hue(x, -torch.ones(4)), x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("adjust", "low", "high"),
+    [(augment.adjust_brightness, 0.6, 1.4), (augment.adjust_contrast, 0.6, 1.4),
+     (augment.adjust_saturation, 0.6, 1.4), (augment.adjust_hue, -0.1, 0.1)],
+)
+def test_cpu_sample_subset_matches_whole_batch_where(adjust, low, high):
+    # The CPU path adjusts only the selected samples; other devices adjust all and use torch.where.
+    x = _float_images(8, seed=31)
+    factors = low + (high - low) * torch.rand(8, generator=torch.Generator().manual_seed(32))
+    masks = [torch.tensor([True, False, False, True, True, False, True, False]),
+             torch.zeros(8, dtype=torch.bool), torch.ones(8, dtype=torch.bool)]
+
+    for mask in masks:
+        expected = torch.where(mask.view(-1, 1, 1, 1), adjust(x, factors), x)
+        out = augment._replace_samples_(x.clone(), mask, adjust, factors)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=0, msg=f"mask {mask.tolist()}")

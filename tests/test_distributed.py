@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from msvq.checkpoint import load_checkpoint
-from msvq.distributed import Ranks, gather_rows, rank_rows
+from msvq.distributed import Ranks, gather_rows, rank_rows, threads_per_process
 from tests.tiny import REPO, tiny_params, write_params
 
 STEPS_SCRIPT = REPO / "tests" / "distributed_steps.py"
@@ -100,7 +100,7 @@ def test_shuffled_ranks_hold_identical_queues_and_teachers(tmp_path, method):
         compared = [key for key in rank0["state"] if key.startswith(teacher_prefixes) or key.startswith("queue")]
         assert len(compared) > 10
         for key in compared:
-            assert torch.equal(rank0["state"][key], rank1["state"][key]), f"{key} differs between ranks after step {step}"
+            assert torch.equal(rank0["state"][key], rank1["state"][key]), f"{key} differs after step {step}"
 
         # The permutation spans the global batch, so shuffling matches one process too.
         one = saved_step(tmp_path / "one", 0, step)
@@ -158,11 +158,17 @@ def test_pretrain_resumes_two_processes_after_sigkill(tmp_path, two_process_para
         if log.is_file() and len(read_rows(log)) >= 1:
             break
         time.sleep(0.005)
-    # torchrun (torch 2.14) starts its workers in sessions of their own, so each process is killed by pid.
-    for pid in process_tree(process.pid):
-        os.kill(pid, signal.SIGKILL)
+    workers = process_tree(process.pid)[1:]
+    assert len(workers) >= 2, "expected the two worker processes under the launcher"
+    # Only the launcher is killed. Its workers run in sessions of their own (torch 2.14),
+    # so they would go on training unless they exit with their parent.
+    process.kill()
     process.wait(timeout=30)
     assert process.returncode == -signal.SIGKILL, process.stderr.read().decode()[-2000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.05)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "workers outlived the killed launcher"
     assert not (interrupted / "checkpoint.pt").exists()
     state = torch.load(interrupted / "resume" / "last.pt", weights_only=True)
     assert 1 <= state["epoch"] < 4
@@ -229,9 +235,13 @@ def test_indivisible_batch_fails_before_starting_processes(tmp_path, two_process
                             timeout=120, env=clean_env())
 
     assert result.returncode == 1
-    assert "pretrain.batch_size = 32 does not divide by the 3 processes" in result.stderr
-    assert "torch.distributed.run" not in result.stderr
+    assert "pretrain.batch_size = 32 must be divisible by pretrain.nproc = 3" in result.stderr
+    assert "starting 3 processes" not in result.stderr
     assert not (tmp_path / "out").exists()
+    check = subprocess.run(msvq_command("check-params", str(params)), capture_output=True, text=True,
+                           timeout=120, env=clean_env())
+    assert check.returncode == 1
+    assert "pretrain.batch_size = 32 must be divisible by pretrain.nproc = 3" in check.stderr
 
 
 def test_indivisible_batch_under_torchrun_fails_before_training(tmp_path, two_process_params):
@@ -264,4 +274,32 @@ def test_bn_splits_must_divide_among_processes(tmp_path, two_process_params):
                             timeout=120, env=clean_env())
 
     assert result.returncode == 1
-    assert "model.bn_splits = 1 does not divide by the 2 processes" in result.stderr
+    assert "model.bn_splits = 1 must be divisible by pretrain.nproc = 2" in result.stderr
+
+
+def test_interrupt_stops_workers_and_exits_130(tmp_path, two_process_params):
+    out = tmp_path / "out"
+    process = subprocess.Popen(pretrain_command(two_process_params, out), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, env=clean_env())
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "train_log.csv").is_file():
+            break
+        time.sleep(0.005)
+    workers = process_tree(process.pid)[1:]
+
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+
+    assert process.returncode == 130, stderr.decode()[-2000:]
+    assert "msvq pretrain: interrupted: stopped by SIGINT. Run the same command again to resume" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+
+
+def test_threads_split_among_processes(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert threads_per_process(2) == 4
+    assert threads_per_process(16) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads_per_process(1) == os.cpu_count()

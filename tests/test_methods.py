@@ -447,3 +447,15 @@ def test_joint_teacher_pass_plain_batchnorm_separate():
     joint = method._encode_teacher_views(method.teacher1, [x2, x3], torch.Generator().manual_seed(7))
     for separate_features, joint_features in zip(separate, joint):
         torch.testing.assert_close(joint_features, separate_features, atol=0, rtol=0)
+
+
+def test_compile_networks_keeps_state_dict_keys():
+    method = _build("msvq")
+    keys = list(method.state_dict())
+
+    method.compile_networks()
+
+    assert list(method.state_dict()) == keys
+    for name in ("student", "teacher1", "teacher2"):
+        assert getattr(method, name)._compiled_call_impl is not None, name
+    assert method.queue1._compiled_call_impl is None

@@ -17,6 +17,7 @@ from msvq import pretrain as pretrain_module
 from msvq.checkpoint import build_backbone, load_checkpoint
 from msvq.cli import main
 from msvq.config import load_params
+from msvq.methods import Method
 from msvq.pretrain import NonFiniteLossError, pretrain
 from tests.tiny import tiny_params, write_params
 
@@ -126,6 +127,24 @@ def test_state_with_other_params_is_ignored(tmp_path, tiny_root, caplog):
     assert [row["epoch"] for row in read_rows(out / "train_log.csv")] == ["1", "2"]
     state = torch.load(out / "resume" / "last.pt", weights_only=True)
     assert state["params_hash"] == second.run("fashionmnist", "msvq").digest("data", "model", "pretrain", "method")
+
+
+def test_nproc_and_compile_change_resumes_finished_run(tmp_path, tiny_root, caplog, monkeypatch):
+    out = tmp_path / "out"
+    first = load_params(write_params(tmp_path / "a.yaml", tiny_params(tiny_root, epochs=2, knn_every=0)))
+    pretrain(first.run("fashionmnist", "msvq"), out)
+    compiled = []
+    monkeypatch.setattr(Method, "compile_networks", lambda method: compiled.append(type(method).__name__))
+
+    second = load_params(write_params(tmp_path / "b.yaml",
+                                      tiny_params(tiny_root, epochs=2, knn_every=0, nproc=2, compile=True)))
+    with caplog.at_level("INFO"):
+        pretrain(second.run("fashionmnist", "msvq"), out)
+
+    assert compiled == ["MSVQ"]
+    assert "resuming from" in caplog.text
+    assert "after epoch 2 of 2" in caplog.text
+    assert [row["epoch"] for row in read_rows(out / "train_log.csv")] == ["1", "2"]
 
 
 def test_state_from_other_code_is_ignored(tmp_path, tiny_root, caplog, monkeypatch):

@@ -50,8 +50,18 @@ class Method(nn.Module):
                 f"{type(self).__name__} expects {len(self.view_kinds)} views {self.view_kinds}, got {len(views)}"
             )
 
+    def compile_networks(self) -> None:
+        """Compile the forward pass of the student and of every teacher with torch.compile.
+
+        Each network compiles in place (nn.Module.compile), so state_dict() keys do not
+        change. Compiling happens at the first forward pass of each input shape.
+        """
+        for module in self.children():
+            if isinstance(module, Encoder):
+                module.compile()
+
     def distribute(self, ranks: Ranks, device: torch.device) -> None:
-        """Train as one of ``ranks.world_size`` processes; call after moving the method to ``device``.
+        """Train as one of ``ranks.world_size`` processes, after the method is on ``device`` with its state loaded.
 
         The student runs under DistributedDataParallel, which averages its gradients over
         ranks. Its BatchNorm buffers are not broadcast before each forward pass. Instead,
@@ -65,6 +75,11 @@ class Method(nn.Module):
             self.__dict__["_student_ddp"] = DistributedDataParallel(
                 MultiViewEncoder(self.student), device_ids=device_ids, forward_sync_buffers=False
             )
+            buffers = []
+            for layer in self.modules():
+                if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+                    buffers += [layer.running_mean, layer.running_var]
+            self.__dict__["_batchnorm_buffers"] = buffers
 
     def _encode_student(self, views: Sequence[Tensor]) -> list[Tensor]:
         """Encode each view with the student; one DistributedDataParallel call covers all of them."""
@@ -86,13 +101,8 @@ class Method(nn.Module):
         chunks, so the average over ranks equals the update one process makes with all
         chunks of the global batch. A no-op in a single process.
         """
-        if not self.ranks.enabled:
-            return
-        buffers = []
-        for layer in self.modules():
-            if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
-                buffers += [layer.running_mean, layer.running_var]
-        average_(buffers, self.ranks)
+        if self.ranks.enabled:
+            average_(self.__dict__["_batchnorm_buffers"], self.ranks)
 
     @torch.no_grad()
     def _encode_teacher(self, teacher: nn.Module, x: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -127,7 +137,8 @@ class Method(nn.Module):
         if any(x.shape[0] != batch for x in views):
             raise ValueError(f"views must have equal batch sizes, got {[x.shape[0] for x in views]}")
         total = batch * self.ranks.world_size
-        own_rows = rank_rows(total, self.ranks).to(views[0].device)
+        # Made on the device: copying indices from the host would wait for the GPU.
+        own_rows = rank_rows(total, self.ranks, views[0].device)
 
         unshuffles = []
         if self.shuffle_bn:
