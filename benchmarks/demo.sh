@@ -28,5 +28,9 @@ grep -q "Nothing to be done" "$work/demo-again.log" || { echo "the second run di
 
 cat results/table.md
 echo
+# Snakemake's benchmark files: wall seconds of each pretraining job in the first run.
+for tsv in logs/*/*/pretrain.benchmark.tsv; do
+    echo "pretraining $(basename "$(dirname "$tsv")"): $(awk 'NR == 2 {print $1}' "$tsv") s"
+done
 echo "first make demo:  $((first / 60)) min $((first % 60)) s (venv install included)"
 echo "second make demo: ${second} s (nothing to be done)"
