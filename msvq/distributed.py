@@ -185,8 +185,8 @@ def threads_per_process(nproc: int) -> int:
 def run_torchrun(nproc: int, argv: Sequence[str], device_request: str) -> None:
     """Run ``msvq ARGV`` as ``nproc`` processes on this node under torchrun's launcher, and wait.
 
-    The launcher runs in this process, so its workers stop with it: it handles SIGINT
-    and SIGTERM, and each worker asks the kernel to kill it when this process dies
+    The launcher runs in this process, so its workers stop with it. The launcher handles
+    SIGINT and SIGTERM, and each worker has the kernel kill it when this process dies
     (``exit_with_parent``). Raises DeviceError first when CUDA is requested (or chosen
     by auto) and this node has fewer than ``nproc`` GPUs, SignalException on a signal
     and ChildFailedError when a worker fails, after all workers have stopped.
