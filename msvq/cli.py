@@ -54,23 +54,24 @@ class WorkersStopped(Exception):
         self.code = code
 
 
-def start_processes_if_needed(nproc: int, args: argparse.Namespace, run, check_run) -> bool:
+def start_processes_if_needed(nproc: int, args: argparse.Namespace, run, check_inputs) -> bool:
     """Run this command as ``nproc`` processes under torchrun and wait; return False if it is not needed.
 
     It is not needed for one process, or when the command already runs under a torchrun
     that the user started (several nodes, for example), whose process count then
-    applies instead of ``nproc``. ``check_run(run, ranks)`` raises on settings or files
-    that would fail every process, before any process starts. Raises WorkersStopped
-    when the processes fail or a signal stops them.
+    applies instead of ``nproc``. ``check_inputs()`` raises on missing input files
+    before any process starts (loading the params already checked that the batch sizes
+    divide by ``nproc``). Raises WorkersStopped when the processes fail or a signal
+    stops them.
     """
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from msvq.distributed import Ranks, launched_by_torchrun, run_torchrun
+    from msvq.distributed import launched_by_torchrun, run_torchrun
 
     if nproc == 1 or launched_by_torchrun():
         return False
-    check_run(run, Ranks(world_size=nproc))
+    check_inputs()
     try:
         run_torchrun(nproc, args.argv, run.pretrain.device)
     except SignalException as stop:
@@ -85,35 +86,33 @@ def start_processes_if_needed(nproc: int, args: argparse.Namespace, run, check_r
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from msvq.data.prepared import open_prepared
-    from msvq.pretrain import check_world_size, pretrain
+    from msvq.pretrain import pretrain
 
     run = load_params(args.params).run(args.dataset, args.method)
     if args.device:
         run = dataclasses.replace(run, pretrain=dataclasses.replace(run.pretrain, device=args.device))
 
-    def check_run(run, ranks):
-        check_world_size(run, ranks)
+    def check_inputs():
         open_prepared(run.data.root, run.dataset)
 
-    if not start_processes_if_needed(run.pretrain.nproc, args, run, check_run):
+    if not start_processes_if_needed(run.pretrain.nproc, args, run, check_inputs):
         pretrain(run, args.out, state_dir=args.state_dir)
 
 
 def cmd_linear_eval(args: argparse.Namespace) -> None:
     from msvq.data.prepared import open_prepared
-    from msvq.linear import check_world_size, linear_eval
+    from msvq.linear import linear_eval
 
     run = load_params(args.params).run(args.dataset, args.method)
     if args.device:
         run = dataclasses.replace(run, pretrain=dataclasses.replace(run.pretrain, device=args.device))
 
-    def check_run(run, ranks):
-        check_world_size(run, ranks)
+    def check_inputs():
         open_prepared(run.data.root, run.dataset)
         if args.checkpoint != "random" and not Path(args.checkpoint).is_file():
             raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}; run msvq pretrain first")
 
-    if not start_processes_if_needed(run.linear.nproc, args, run, check_run):
+    if not start_processes_if_needed(run.linear.nproc, args, run, check_inputs):
         linear_eval(run, args.checkpoint, args.out, mode=args.mode)
 
 

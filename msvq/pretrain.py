@@ -307,12 +307,14 @@ def train(run: RunParams, out: Path, state_path: Path, ranks: Ranks, device: tor
     if cfg.compile:
         method.compile_networks()
     method.distribute(ranks, device)
+    setup = ["bf16 autocast" if dtype else "fp32"]
+    if cfg.compile:
+        setup.append("compiled")
+    if ranks.enabled:
+        setup.append(f"{ranks.world_size} processes of {cfg.batch_size // ranks.world_size} images per step")
     log.info(
-        "pretraining %s on %s: %d images, %d steps/epoch, %d epochs, device %s, %s%s",
-        run.method_name, run.dataset, len(images), steps_per_epoch, cfg.epochs, device,
-        ("bf16 autocast" if dtype else "fp32") + (", compiled" if cfg.compile else ""),
-        f", {ranks.world_size} processes of {cfg.batch_size // ranks.world_size} images per step"
-        if ranks.enabled else "",
+        "pretraining %s on %s: %d images, %d steps/epoch, %d epochs, device %s, %s",
+        run.method_name, run.dataset, len(images), steps_per_epoch, cfg.epochs, device, ", ".join(setup),
     )
 
     started = time.perf_counter()

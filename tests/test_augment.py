@@ -401,7 +401,7 @@ def test_invalid_inputs_raise():
         augment.test_view(torch.zeros(2, 8, 8, 3, dtype=torch.uint8), 8, (0.5,), (0.5,))
 
 
-def test_hue_shift_by_zero_or_full_turn_is_identity():
+def test_hue_whole_turns_are_identity():
     x = _float_images(4, seed=30)
 
     torch.testing.assert_close(augment.adjust_hue(x, torch.zeros(4)), x, atol=1e-6, rtol=0)

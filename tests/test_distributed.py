@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ import yaml
 
 from msvq.checkpoint import load_checkpoint
 from msvq.distributed import Ranks, gather_rows, rank_rows, threads_per_process
-from tests.tiny import REPO, tiny_params, write_params
+from tests.tiny import REPO, read_rows, tiny_params, wait_for_first_epoch, write_params
 
 STEPS_SCRIPT = REPO / "tests" / "distributed_steps.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -46,11 +45,6 @@ def msvq_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "msvq.cli", *args]
 
 
-def read_rows(path: Path) -> list[dict[str, str]]:
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
-
-
 # Rows of a global batch.
 
 
@@ -78,14 +72,15 @@ def test_two_processes_match_one_process(tmp_path, method):
     run_steps(tmp_path / "two", method, shuffle_bn=False, processes=2)
 
     for step in range(3):
-        one, two = saved_step(tmp_path / "one", 0, step), saved_step(tmp_path / "two", 0, step)
-        assert two["loss"] == pytest.approx(one["loss"], abs=1e-5), f"loss of step {step}"
+        single = saved_step(tmp_path / "one", 0, step)
+        pair = saved_step(tmp_path / "two", 0, step)
+        assert pair["loss"] == pytest.approx(single["loss"], abs=1e-5), f"loss of step {step}"
         for queue in QUEUE_KEYS[method]:
-            torch.testing.assert_close(two["state"][f"{queue}.features"], one["state"][f"{queue}.features"],
+            torch.testing.assert_close(pair["state"][f"{queue}.features"], single["state"][f"{queue}.features"],
                                        atol=1e-5, rtol=0, msg=f"{queue} after step {step}")
-            assert torch.equal(two["state"][f"{queue}.ptr"], one["state"][f"{queue}.ptr"])
-    for key, value in one["state"].items():
-        torch.testing.assert_close(two["state"][key], value, atol=1e-5, rtol=0, msg=f"{key} after 3 steps")
+            assert torch.equal(pair["state"][f"{queue}.ptr"], single["state"][f"{queue}.ptr"])
+    for key, value in single["state"].items():
+        torch.testing.assert_close(pair["state"][key], value, atol=1e-5, rtol=0, msg=f"{key} after 3 steps")
 
 
 @pytest.mark.parametrize("method", ["msvq", "mocov2"])
@@ -103,8 +98,8 @@ def test_shuffled_ranks_hold_identical_queues_and_teachers(tmp_path, method):
             assert torch.equal(rank0["state"][key], rank1["state"][key]), f"{key} differs after step {step}"
 
         # The permutation spans the global batch, so shuffling matches one process too.
-        one = saved_step(tmp_path / "one", 0, step)
-        assert rank0["loss"] == pytest.approx(one["loss"], abs=1e-5), f"loss of step {step}"
+        single = saved_step(tmp_path / "one", 0, step)
+        assert rank0["loss"] == pytest.approx(single["loss"], abs=1e-5), f"loss of step {step}"
 
 
 # msvq pretrain and linear-eval with nproc 2.
@@ -152,12 +147,7 @@ def test_pretrain_resumes_two_processes_after_sigkill(tmp_path, two_process_para
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen(pretrain_command(two_process_params, interrupted), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, env=clean_env())
-    log = interrupted / "train_log.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if log.is_file() and len(read_rows(log)) >= 1:
-            break
-        time.sleep(0.005)
+    wait_for_first_epoch(process, interrupted)
     workers = process_tree(process.pid)[1:]
     assert len(workers) >= 2, "expected the two worker processes under the launcher"
     # Only the launcher is killed. Its workers run in sessions of their own (torch 2.14),
@@ -186,39 +176,41 @@ def test_pretrain_resumes_two_processes_after_sigkill(tmp_path, two_process_para
     assert read_rows(interrupted / "knn.csv") == read_rows(tmp_path / "straight" / "knn.csv")
 
 
-def test_pretrain_two_processes_match_one(tmp_path, two_process_params):
+def run_one_and_two_processes(tmp_path: Path, two_process_params: Path, section: str, command: list[str],
+                              csv_name: str) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Run ``msvq COMMAND --params P --out O`` with ``section``.nproc 1 and 2; return both runs' CSV rows."""
     raw = yaml.safe_load(two_process_params.read_text())
-    raw["pretrain"]["nproc"] = 1
+    raw[section]["nproc"] = 1
     one_process_params = write_params(tmp_path / "one.yaml", raw)
     for params, out in ((one_process_params, "one"), (two_process_params, "two")):
-        result = subprocess.run(pretrain_command(params, tmp_path / out), capture_output=True, text=True,
-                                timeout=300, env=clean_env())
+        result = subprocess.run(msvq_command(*command, "--params", str(params), "--out", str(tmp_path / out)),
+                                capture_output=True, text=True, timeout=300, env=clean_env())
         assert result.returncode == 0, result.stderr[-3000:]
+    return read_rows(tmp_path / "one" / csv_name), read_rows(tmp_path / "two" / csv_name)
 
-    one, two = read_rows(tmp_path / "one" / "train_log.csv"), read_rows(tmp_path / "two" / "train_log.csv")
-    assert len(one) == len(two) == 4
-    for row_one, row_two in zip(one, two):
+
+def test_pretrain_two_processes_match_one(tmp_path, two_process_params):
+    one_process, two_processes = run_one_and_two_processes(
+        tmp_path, two_process_params, "pretrain",
+        ["pretrain", "--dataset", "fashionmnist", "--method", "msvq"], "train_log.csv",
+    )
+
+    assert len(one_process) == len(two_processes) == 4
+    for row_one, row_two in zip(one_process, two_processes):
         assert float(row_two["loss"]) == pytest.approx(float(row_one["loss"]), abs=1e-5)
         # The kNN monitor gathers both ranks' features of all images.
         assert row_two["knn_top1"] == row_one["knn_top1"]
 
 
 def test_linear_eval_two_processes_match_one(tmp_path, two_process_params):
-    raw = yaml.safe_load(two_process_params.read_text())
-    raw["linear"]["nproc"] = 1
-    one_process_params = write_params(tmp_path / "one.yaml", raw)
-    for params, out in ((one_process_params, "one"), (two_process_params, "two")):
-        # 256 images in batches of 50 end with a batch of 6 rows, 3 per rank.
-        result = subprocess.run(
-            msvq_command("linear-eval", "--dataset", "fashionmnist", "--method", "msvq", "--params", str(params),
-                         "--checkpoint", "random", "--out", str(tmp_path / out)),
-            capture_output=True, text=True, timeout=300, env=clean_env(),
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
+    # 256 images in batches of 50 end with a batch of 6 rows, 3 per rank.
+    one_process, two_processes = run_one_and_two_processes(
+        tmp_path, two_process_params, "linear",
+        ["linear-eval", "--dataset", "fashionmnist", "--method", "msvq", "--checkpoint", "random"], "curve.csv",
+    )
 
-    one, two = read_rows(tmp_path / "one" / "curve.csv"), read_rows(tmp_path / "two" / "curve.csv")
-    assert len(one) == len(two) == 2
-    for row_one, row_two in zip(one, two):
+    assert len(one_process) == len(two_processes) == 2
+    for row_one, row_two in zip(one_process, two_processes):
         assert float(row_two["loss"]) == pytest.approx(float(row_one["loss"]), abs=1e-5)
         assert row_two["top1"] == row_one["top1"]
 
@@ -281,11 +273,7 @@ def test_interrupt_stops_workers_and_exits_130(tmp_path, two_process_params):
     out = tmp_path / "out"
     process = subprocess.Popen(pretrain_command(two_process_params, out), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, env=clean_env())
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if (out / "train_log.csv").is_file():
-            break
-        time.sleep(0.005)
+    wait_for_first_epoch(process, out)
     workers = process_tree(process.pid)[1:]
 
     process.send_signal(signal.SIGINT)
@@ -303,3 +291,26 @@ def test_threads_split_among_processes(monkeypatch):
     assert threads_per_process(16) == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert threads_per_process(1) == os.cpu_count()
+
+
+def test_missing_inputs_fail_before_starting_processes(tmp_path, two_process_params):
+    raw = yaml.safe_load(two_process_params.read_text())
+    raw["data"]["root"] = str(tmp_path / "empty")
+    no_data = write_params(tmp_path / "no_data.yaml", raw)
+    linear = msvq_command("linear-eval", "--dataset", "fashionmnist", "--method", "msvq", "--params",
+                          str(two_process_params), "--checkpoint", str(tmp_path / "none.pt"), "--out",
+                          str(tmp_path / "linear"))
+
+    missing_data = subprocess.run(pretrain_command(no_data, tmp_path / "out"), capture_output=True, text=True,
+                                  timeout=120, env=clean_env())
+    missing_checkpoint = subprocess.run(linear, capture_output=True, text=True, timeout=120, env=clean_env())
+
+    assert missing_data.returncode == 1
+    assert "msvq pretrain: error: " in missing_data.stderr
+    assert "prepared dataset not found" in missing_data.stderr
+    assert "starting 2 processes" not in missing_data.stderr
+    assert not (tmp_path / "out").exists()
+    assert missing_checkpoint.returncode == 1
+    assert f"checkpoint not found: {tmp_path / 'none.pt'}" in missing_checkpoint.stderr
+    assert "starting 2 processes" not in missing_checkpoint.stderr
+    assert not (tmp_path / "linear").exists()

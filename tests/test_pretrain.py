@@ -1,6 +1,5 @@
 """msvq pretrain end to end on tiny prepared data: outputs, resume, stale state, NaN."""
 
-import csv
 import json
 import math
 import os
@@ -19,15 +18,10 @@ from msvq.cli import main
 from msvq.config import load_params
 from msvq.methods import Method
 from msvq.pretrain import NonFiniteLossError, pretrain
-from tests.tiny import tiny_params, write_params
+from tests.tiny import read_rows, tiny_params, wait_for_first_epoch, write_params
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-
-
-def read_rows(path: Path) -> list[dict]:
-    with path.open() as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.mark.parametrize("method", ["msvq", "mocov2"])
@@ -86,12 +80,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path, tiny_root):
 
     interrupted = tmp_path / "interrupted"
     process = run_cli(params_file, interrupted)
-    log = interrupted / "train_log.csv"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if log.is_file() and len(read_rows(log)) >= 1:
-            break
-        time.sleep(0.005)
+    wait_for_first_epoch(process, interrupted)
     time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)

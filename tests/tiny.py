@@ -1,6 +1,9 @@
 """Tiny datasets and params files shared by the end-to-end tests."""
 
+import csv
 import dataclasses
+import subprocess
+import time
 from pathlib import Path
 
 import yaml
@@ -57,3 +60,18 @@ def make_tiny_root(base: Path, n_train: int = 256, n_test: int = 64) -> Path:
     download(spec, root, extra_mirrors=[str(mirror)])
     prepare(spec, root)
     return root
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def wait_for_first_epoch(process: subprocess.Popen, out: Path, timeout: float = 120) -> None:
+    """Wait until ``process`` has logged an epoch to OUT/train_log.csv, exited, or ``timeout`` seconds passed."""
+    log = out / "train_log.csv"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        if log.is_file() and len(read_rows(log)) >= 1:
+            return
+        time.sleep(0.005)
